@@ -1,0 +1,37 @@
+"""hbp_compile: train residual networks with Highway backpropagation through torch.compile.
+
+    backend = hbp_backend(iters=3)
+    model = torch.compile(model, backend=backend)
+    loss_fn(model(x)).backward()          # parameter .grad holds Highway-BP gradients
+    print(backend.reports[-1])            # what the pass found and did
+"""
+from __future__ import annotations
+
+from .backend import HBPBackend, HBPError
+from .config import HBPConfig
+from .report import GraphReport
+
+__all__ = ["hbp_backend", "HBPBackend", "HBPConfig", "HBPError", "GraphReport"]
+
+
+def hbp_backend(iters: int = 3, *, gamma: float = 0.0, codegen: str = "inductor",
+                strict: bool = False, dump_dir=None, **options) -> HBPBackend:
+    """A torch.compile backend that replaces the backward of residual streams by Highway-BP."""
+    return HBPBackend(HBPConfig(iters=iters, gamma=gamma, codegen=codegen, strict=strict,
+                                dump_dir=dump_dir, **options))
+
+
+_string_backends: dict[HBPConfig, HBPBackend] = {}
+
+
+def dynamo_backend(gm, example_inputs, options: dict | None = None, mode=None):
+    """The `backend="hbp"` entry point: torch.compile(m, backend="hbp", options={"iters": 2})."""
+    config = HBPConfig(**(options or {}))
+    backend = _string_backends.setdefault(config, HBPBackend(config))
+    return backend(gm, example_inputs)
+
+
+def string_backend(**options) -> HBPBackend:
+    """The backend instance that `backend="hbp"` uses for these options (to read its reports)."""
+    config = HBPConfig(**options)
+    return _string_backends.setdefault(config, HBPBackend(config))

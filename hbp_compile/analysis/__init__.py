@@ -1,0 +1,1 @@
+"""Stage 2, analyse: aten graph -> residual streams -> blocks -> groups of identical blocks."""

@@ -1,0 +1,176 @@
+"""Identify each residual step's block: its body nodes, captured inputs and side outputs.
+
+The block of step l is g_l in x_{l+1} = r(x_l, g_l(x_l, captures)): the nodes that read x_l and
+feed z_l. Everything else the body reads (parameters, masks, per-step inputs such as W x_t) is a
+capture. Body values read outside the block are side outputs (a returned attention map, the
+batch statistics that BatchNorm writes into its running buffers).
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from .rules import GraphIndex, ResidualStep
+
+aten = torch.ops.aten
+
+# Parameter preprocessing that may move into a block (layout/dtype only, no arithmetic). Absorbed,
+# a weight is captured as itself, so the t(W) that Dynamo emits at every RNN step does not hide
+# that the steps share W.
+ABSORBED_OPS = {
+    aten.t.default, aten.permute.default, aten.transpose.int, aten.view.default,
+    aten.reshape.default, aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim,
+    aten.squeeze.dims, aten._to_copy.default, aten.alias.default, aten.clone.default,
+    aten._unsafe_view.default,
+}
+
+
+class BlockError(Exception):
+    """A block the pass cannot outline; the message says why (it goes into the report)."""
+
+    def __init__(self, node: fx.Node, reason: str):
+        super().__init__(f"{node.name}: {reason}")
+        self.node, self.reason = node, reason
+
+
+@dataclasses.dataclass
+class Block:
+    """One block g_l of a stream, as nodes of the captured aten graph."""
+
+    step: ResidualStep
+    body: list[fx.Node]                 # graph order; the last feeds z_l
+    captures: list[fx.Node]             # inputs of the body other than x_l
+    side_outputs: list[fx.Node]         # body values read outside the block
+    side_differentiable: list[bool]     # can a gradient reach the side output from the loss?
+
+    @property
+    def x(self) -> fx.Node:
+        return self.step.stream
+
+    @property
+    def z(self) -> fx.Node:
+        return self.step.branch
+
+    @property
+    def module_path(self) -> Optional[str]:
+        """The innermost module that holds the whole body, with the children the body touches."""
+        return module_path(self.body)
+
+
+def _module_stack(node: fx.Node) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = []
+    for value in stack.values():
+        path = value[0] if isinstance(value, tuple) else str(value)
+        paths.append(_clean_path(path))
+    return paths
+
+
+def _clean_path(path: str) -> str:
+    """Dynamo's "L['self'].blocks[0].attn" -> "blocks.0.attn"."""
+    for prefix in ("L['self'].", "L['self']", "L['s'].", "L['model']."):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+            break
+    path = path.replace("._modules['", ".").replace("']", "").replace("['", ".")
+    return path.replace("[", ".").replace("]", "").strip(".")
+
+
+def module_path(nodes: list[fx.Node]) -> Optional[str]:
+    """Longest module path shared by every node that carries one, e.g. "h.0[ln_1, attn]"."""
+    stacks = [s for s in (_module_stack(n) for n in nodes) if s]
+    if not stacks:
+        return None
+    common = stacks[0]
+    for s in stacks[1:]:
+        k = 0
+        while k < min(len(common), len(s)) and common[k] == s[k]:
+            k += 1
+        common = common[:k]
+    depth = len(common)
+    children = []
+    for s in stacks:
+        if len(s) > depth:
+            child = s[depth][len(common[-1]) + 1:] if common else s[depth]
+            if child and child not in children:
+                children.append(child)
+    base = common[-1] if common else ""
+    if children and (not common or len(children) < 4):
+        return f"{base}[{', '.join(children)}]" if base else ", ".join(children)
+    return base or None
+
+
+def _reaches_output(node: fx.Node) -> bool:
+    """True if the graph's output reads `node` other than through a buffer write-back (copy_)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u.op == "output":
+                return True
+            if u not in seen and u.target is not aten.copy_.default:
+                seen.add(u)
+                stack.append(u)
+    return False
+
+
+def _check_op(node: fx.Node) -> None:
+    """Raise BlockError for ops a block template cannot hold."""
+    if node.op != "call_function":
+        raise BlockError(node, f"{node.op} node inside the block")
+    if node.target is operator.getitem:
+        return
+    if not isinstance(node.target, torch._ops.OpOverload):
+        raise BlockError(node, f"non-aten op {node.target} inside the block")
+    schema = node.target._schema
+    if schema.is_mutable:
+        raise BlockError(node, f"{node.target} mutates its input inside the block")
+    if torch.Tag.nondeterministic_seeded in node.target.tags:
+        # The backward re-runs the block: a random op reading x_l would draw new numbers.
+        raise BlockError(node, f"random op {node.target} reads the stream inside the block")
+
+
+def extract_block(step: ResidualStep, index: GraphIndex) -> Block:
+    """Body, captures and side outputs of one residual step's block (BlockError if unsupported)."""
+    x, z = step.stream, step.branch
+    stop = index.pos[x]
+    ancestors, stack = set(), [z]               # ancestors of z_l down to x_l
+    while stack:
+        n = stack.pop()
+        if n in ancestors or n is x or index.pos[n] < stop:
+            continue
+        ancestors.add(n)
+        stack.extend(n.all_input_nodes)
+    body = set()
+    for n in sorted(ancestors, key=index.pos.__getitem__):   # forward: which ancestors read x_l
+        if any(i is x or i in body for i in n.all_input_nodes):
+            body.add(n)
+    changed = True
+    while changed:                               # absorb private parameter preprocessing
+        changed = False
+        for n in ancestors - body:
+            if n.op == "call_function" and n.target in ABSORBED_OPS and n.users \
+                    and all(u in body for u in n.users):
+                body.add(n)
+                changed = True
+    ordered = sorted(body, key=index.pos.__getitem__)
+    for n in ordered:
+        _check_op(n)
+    captures = []
+    for n in ordered:
+        for i in n.all_input_nodes:
+            if i is not x and i not in body and i not in captures:
+                captures.append(i)
+    side = [n for n in ordered
+            if any(u not in body and u is not step.node for u in n.users)]
+    diff = [_is_float(n) and _reaches_output(n) for n in side]
+    return Block(step, ordered, captures, side, diff)
+
+
+def _is_float(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point

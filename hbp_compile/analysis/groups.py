@@ -1,0 +1,110 @@
+"""Outline blocks into standalone templates and group the structurally identical ones.
+
+Blocks with the same template (ops in the same order, same shapes, dtypes and strides of
+activations and captures) form a group: one round of a group is one batched VJP.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import operator
+
+import torch
+import torch.fx as fx
+
+from .blocks import Block
+
+aten = torch.ops.aten
+
+# aten graphs are stride-specific: a view recorded on a contiguous intermediate may be invalid
+# once vmap adds a batch dimension (the physical layout differs). Templates use reshape.
+_VIEW_TO_RESHAPE = {aten.view.default, aten._unsafe_view.default}
+
+
+def _meta_key(node) -> str:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        return f"{val.dtype}{tuple(val.shape)}{tuple(val.stride())}"
+    if isinstance(val, (list, tuple)):
+        return repr([f"{v.dtype}{tuple(v.shape)}" if isinstance(v, torch.Tensor) else repr(v)
+                     for v in val])
+    return type(val).__name__
+
+
+@dataclasses.dataclass
+class Template:
+    """A block as a GraphModule (x, *captures) -> (z, *side_outputs), and its signature."""
+
+    gm: fx.GraphModule
+    signature: str
+    summary: str
+
+
+def outline(block: Block) -> Template:
+    """Copy a block's body into its own graph; the signature names its structure, not its nodes."""
+    graph = fx.Graph()
+    env = {block.x: graph.placeholder("x")}
+    local = {block.x: "x"}
+    for j, cap in enumerate(block.captures):
+        env[cap] = graph.placeholder(f"cap{j}")
+        local[cap] = f"cap{j}"
+    for node, ph in env.items():
+        ph.meta["val"] = node.meta.get("val")
+    key = [("x", _meta_key(block.x))] + [(local[c], _meta_key(c)) for c in block.captures]
+    for i, node in enumerate(block.body):
+        env[node] = graph.node_copy(node, lambda a: env[a])
+        if env[node].target in _VIEW_TO_RESHAPE:
+            env[node].target = aten.reshape.default
+        local[node] = f"n{i}"
+        args = fx.node.map_arg((node.args, node.kwargs), lambda a: local[a])
+        key.append((str(node.target), repr(args), _meta_key(node)))
+    outputs = [block.z] + block.side_outputs
+    graph.output(tuple(env[o] for o in outputs))
+    key.append(("out", tuple(local[o] for o in outputs), tuple(block.side_differentiable)))
+    signature = hashlib.sha1(repr(key).encode()).hexdigest()[:12]
+    return Template(fx.GraphModule(torch.nn.Module(), graph), signature, _summary(block))
+
+
+def _summary(block: Block) -> str:
+    """A short human description: op counts and the stream's layout."""
+    ops = collections.Counter(
+        getattr(n.target, "__name__", str(n.target)).split(".")[0] for n in block.body
+        if n.op == "call_function" and n.target is not operator.getitem)
+    heavy = [op for op in ops if op in _HEAVY_OPS]
+    x = block.x.meta.get("val")
+    shape = f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}" if isinstance(x, torch.Tensor) else "?"
+    return f"{len(block.body)} ops ({', '.join(heavy) or 'elementwise'}), x {shape}"
+
+
+_HEAVY_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "convolution", "native_layer_norm",
+              "_softmax", "var_mean", "_scaled_dot_product_flash_attention_for_cpu",
+              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+              "embedding", "gelu", "silu", "tanh", "sigmoid", "relu"}
+
+
+@dataclasses.dataclass
+class Group:
+    """Structurally identical blocks of one stream; each round runs them as one computation."""
+
+    template: Template
+    members: list[int]              # positions l of the member blocks in the stream
+    shared: list[bool]              # per capture: the same value in every member (tied weights)
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+
+def group_blocks(blocks: list[Block], templates: list[Template]) -> list[Group]:
+    """Group blocks by template signature, in order of first appearance."""
+    by_sig: dict[str, list[int]] = {}
+    for l, t in enumerate(templates):
+        by_sig.setdefault(t.signature, []).append(l)
+    groups = []
+    for members in by_sig.values():
+        ncap = len(blocks[members[0]].captures)
+        shared = [len(members) > 1 and len({blocks[l].captures[j] for l in members}) == 1
+                  for j in range(ncap)]
+        groups.append(Group(templates[members[0]], members, shared))
+    return groups

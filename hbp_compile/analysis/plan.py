@@ -1,0 +1,121 @@
+"""Plan the rewrite: cut each stream into segments of blocks that can be outlined together."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch.fx as fx
+
+from .blocks import Block, BlockError, extract_block
+from .groups import Group, Template, group_blocks, outline
+from .rules import GraphIndex, ResidualStep
+from .streams import Stream, find_streams
+
+
+@dataclasses.dataclass
+class Skip:
+    """A residual step (or a whole stream) left to exact backprop, and why."""
+
+    node: str
+    reason: str
+
+
+@dataclasses.dataclass
+class Segment:
+    """Consecutive blocks of one stream that become one HighwayStream call."""
+
+    stream_id: int
+    blocks: list[Block]
+    templates: list[Template]
+    groups: list[Group]
+    kind: str
+
+    @property
+    def x0(self) -> fx.Node:
+        return self.blocks[0].x
+
+
+def _owner_positions(graph: fx.Graph, owner: dict[fx.Node, int]) -> dict[fx.Node, int]:
+    """For every node, the latest block position it reads (transitively); -1 if none."""
+    latest = {}
+    for n in graph.nodes:
+        p = owner.get(n, -1)
+        for i in n.all_input_nodes:
+            p = max(p, latest.get(i, -1))
+        latest[n] = p
+    return latest
+
+
+def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips: list[Skip]):
+    """Blocks of a stream, cut where a block cannot be outlined or reads an earlier block."""
+    blocks: list = []
+    for l, step in enumerate(stream.steps):
+        try:
+            blk = extract_block(step, index)
+            overlap = next((n for n in blk.body if n in claimed), None)
+            if overlap is not None:
+                raise BlockError(overlap, "block overlaps a stream rewritten already "
+                                          "(a residual add nested inside another block)")
+            blocks.append(blk)
+        except BlockError as e:
+            skips.append(Skip(step.node.name, f"block {l} of the stream: {e.reason}"))
+            blocks.append(None)
+    owner = {}
+    for l, blk in enumerate(blocks):
+        if blk is not None:
+            owner.update({n: l for n in blk.body})
+            owner[blk.step.node] = l
+    latest = _owner_positions(graph, owner)
+    segments, current, start = [], [], 0
+    for l, blk in enumerate(blocks):
+        if blk is None:
+            if current:
+                segments.append(current)
+            current, start = [], l + 1
+            continue
+        # A capture computed from this segment's own earlier blocks (a block reading x_j for
+        # j < l, or another block's internals) would be both input and output of one call.
+        bad = next((c for c in blk.captures if latest.get(c, -1) >= start), None)
+        if bad is not None:
+            skips.append(Skip(blk.step.node.name,
+                              f"stream cut before block {l}: it reads {bad.name}, computed by "
+                              f"block {latest[bad]} of the same stream"))
+            if current:
+                segments.append(current)
+            current, start = [], l
+        current.append(blk)
+    if current:
+        segments.append(current)
+    return segments
+
+
+def plan_streams(graph: fx.Graph, min_length: int = 1):
+    """Find the streams of a graph and plan their segments; returns (segments, skips, n_steps)."""
+    index = GraphIndex(graph)
+    streams, unlinked = find_streams(graph, index)
+    skips: list[Skip] = []
+    claimed: set = set()        # nodes some segment will replace
+    inner: set = set()          # nodes inside the blocks of some segment
+    segments = []
+    for sid, stream in enumerate(streams):
+        for blocks in _split_stream(graph, stream, index, claimed, skips):
+            if len(blocks) < min_length:
+                skips.append(Skip(blocks[0].step.node.name,
+                                  f"segment of {len(blocks)} block(s) is shorter than "
+                                  f"min_length={min_length}"))
+                continue
+            templates = [outline(b) for b in blocks]
+            segments.append(Segment(sid, blocks, templates, group_blocks(blocks, templates),
+                                    blocks[0].step.kind))
+            for b in blocks:
+                claimed.update(b.body)
+                claimed.add(b.step.node)
+                inner.update(b.body)
+    # A residual add that did not link into a stream is either inside a rewritten block (it is
+    # rewritten with that block) or a side branch left to exact backprop.
+    loose = [s for s in unlinked if s.node not in inner]
+    skips += [Skip(s.node.name, "residual add off the stream (a fork from a stream state)")
+              for s in loose]
+    nested = {s.node.name for st in streams for s in st.steps if s.node in inner}
+    skips = [s for s in skips if s.node not in nested]
+    n_steps = sum(1 for st in streams for s in st.steps if s.node not in inner) + len(loose)
+    return segments, skips, n_steps

@@ -1,0 +1,175 @@
+"""The torch.compile backend: capture -> analyse -> rewrite -> codegen -> report.
+
+Anything the pass does not understand runs as exact backprop and the report says why;
+with strict=True it raises HBPError instead.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+import torch.fx as fx
+
+from .analysis.plan import Segment, plan_streams
+from .capture import functional_aten_graph
+from .codegen import compile_graph, count_block_vjps
+from .config import HBPConfig
+from .report import BlockReport, GraphReport, GroupReport, SkipReport, StreamReport
+from .rewrite.replace import build_spec, replace_stream
+
+log = logging.getLogger("hbp_compile")
+
+
+class HBPError(RuntimeError):
+    """Raised in strict mode where the pass would otherwise fall back to exact backprop."""
+
+
+class HBPBackend:
+    """A torch.compile backend that trains residual streams with Highway-BP."""
+
+    def __init__(self, config: HBPConfig):
+        self.config = config
+        self.reports: list[GraphReport] = []
+
+    def __repr__(self):
+        return f"hbp_backend({self.config})"
+
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        cfg = self.config
+        report = GraphReport(len(self.reports), config={
+            "iters": cfg.iters, "gamma": cfg.gamma, "codegen": cfg.codegen,
+            "batched": cfg.batched, "cache_key": cfg.cache_key()})
+        self.reports.append(report)
+        rewritten = None
+        try:
+            rewritten = self._rewrite(gm, example_inputs, report)
+        except HBPError:
+            raise
+        except Exception as e:                      # noqa: BLE001 - reported, never swallowed
+            self._fall_back(report, f"the pass failed: {type(e).__name__}: {e}", e)
+        compiled = None
+        if rewritten is not None:
+            try:
+                compiled = compile_graph(rewritten, example_inputs, cfg.codegen,
+                                         lambda name, g: self._on_graph(report, name, g))
+            except Exception as e:                  # noqa: BLE001
+                self._fall_back(report, f"compiling the rewritten graph failed: "
+                                        f"{type(e).__name__}: {e}", e)
+        if compiled is None:
+            compiled = compile_graph(gm, example_inputs, cfg.codegen,
+                                     lambda name, g: self._on_graph(report, name, g))
+        log.info("%s", report)
+        if cfg.dump_dir is not None:
+            from .debug import dump_report
+            dump_report(cfg.dump_dir, report)
+        return compiled
+
+    def _fall_back(self, report: GraphReport, reason: str, exc: Exception) -> None:
+        if self.config.strict:
+            raise HBPError(reason) from exc
+        report.fallback_reason = reason
+        report.graphs.pop("forward", None), report.graphs.pop("backward", None)
+        log.warning("hbp_compile graph %d: %s; exact backprop", report.index, reason)
+
+    def _on_graph(self, report: GraphReport, name: str, g: fx.GraphModule) -> None:
+        report.graphs[name] = g
+        if name == "backward":
+            counts = count_block_vjps(g)
+            for s in report.streams:
+                s.vjps_per_round = counts.get(s.name, {})
+
+    def _rewrite(self, gm: fx.GraphModule, example_inputs, report: GraphReport):
+        """The rewritten functional aten graph, or None when there is nothing to rewrite."""
+        cfg = self.config
+        agm = functional_aten_graph(gm, example_inputs)
+        report.graphs["captured"] = agm.print_readable(print_output=False)
+        segments, skips, report.residual_steps = plan_streams(agm.graph, cfg.min_length)
+        report.skipped = [SkipReport(s.node, s.reason) for s in skips]
+        if cfg.strict and skips:
+            raise HBPError(f"%{skips[0].node}: {skips[0].reason}")
+        if not segments:
+            return None
+        renamed: dict = {}
+        for seg in segments:
+            name = f"hbp_stream_{report.index}_{len(report.streams)}"
+            batched, reasons = zip(*[self._batching(g) for g in seg.groups])
+            spec, caps = build_spec(name, seg.blocks, seg.groups, list(batched),
+                                    cfg.iters, cfg.gamma)
+            replace_stream(agm.graph, spec, seg.blocks, caps, renamed)
+            report.streams.append(_stream_report(name, seg, spec, batched, reasons))
+        agm.graph.eliminate_dead_code()
+        _stable_topological_sort(agm.graph)
+        agm.graph.lint()
+        agm.recompile()
+        report.graphs["rewritten"] = agm.print_readable(print_output=False)
+        return agm
+
+    def _batching(self, group) -> tuple[bool, str]:
+        """Batch this group's VJPs? (and why not)."""
+        if group.size == 1:
+            return False, "a single block"
+        if not self.config.batched:
+            return False, "batching disabled (batched=False)"
+        reason = _probe_vmap(group)
+        if reason is not None and self.config.strict:
+            raise HBPError(f"group of {group.size} blocks cannot be batched: {reason}")
+        return reason is None, reason or ""
+
+
+def _probe_vmap(group) -> str | None:
+    """Trace the group's batched VJP on fake inputs; the reason it cannot be batched, or None."""
+    from torch._guards import detect_fake_mode
+
+    gm = group.template.gm
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    vals = [n.meta.get("val") for n in phs]
+    fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    if fake_mode is None:
+        return None
+    n = 2
+    with fake_mode, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            args, in_dims = [], []
+            for j, v in enumerate(vals):
+                stacked = isinstance(v, torch.Tensor) and (j == 0 or not group.shared[j - 1])
+                args.append(v.new_empty((n, *v.shape)) if stacked else v)
+                in_dims.append(0 if stacked else None)
+            outs, vjp_fn = torch.func.vjp(
+                lambda x: torch.func.vmap(gm, in_dims=tuple(in_dims))(x, *args[1:]), args[0])
+            vjp_fn(tuple(torch.zeros_like(o) if o.dtype.is_floating_point else None
+                         for o in outs))
+        except Exception as e:                      # noqa: BLE001
+            return f"vmap failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    for w in caught:
+        if "batching rule" in str(w.message):
+            return f"no batching rule: {str(w.message).splitlines()[0][:160]}"
+    return None
+
+
+def _stable_topological_sort(graph: fx.Graph) -> None:
+    """Move nodes after their inputs, keeping the original order otherwise."""
+    try:
+        from torch._inductor.pattern_matcher import stable_topological_sort
+    except ImportError:                              # pragma: no cover
+        from torch.fx.passes.tools_common import legalize_graph
+        legalize_graph(graph.owning_module)
+        return
+    stable_topological_sort(graph)
+
+
+def _stream_report(name, seg: Segment, spec, batched, reasons) -> StreamReport:
+    blocks = [BlockReport(l, b.body[0].name, b.body[-1].name, b.module_path,
+                          spec.block_group[l], len(b.body))
+              for l, b in enumerate(seg.blocks)]
+    groups = [GroupReport(gi, g.template.signature, g.template.summary, list(g.members),
+                          batched[gi], reasons[gi], sum(g.shared))
+              for gi, g in enumerate(seg.groups)]
+    scan = "reverse cumsum" if spec.gamma == 0 else \
+        ("none (gamma=1: fixed-point iteration)" if spec.gamma == 1 else
+         f"log-depth scan, K=(1-gamma)I={1 - spec.gamma:g}I")
+    return StreamReport(name=name, length=len(seg.blocks), residual_kind=seg.kind,
+                        x0=seg.x0.name, blocks=blocks, groups=groups,
+                        injections=[l for l in spec.state_outputs if l < spec.length],
+                        side_outputs=sum(len(b.side_outputs) for b in seg.blocks), scan=scan)

@@ -1,0 +1,80 @@
+"""Stage 1, capture: Dynamo's torch-IR graph -> a functional aten graph, traced under fake tensors.
+
+Dynamo's IR is not functional (in-place ops, aliasing views) and speaks torch functions rather
+than aten ops, so the pass never analyses it directly. Every private-API touch of capture lives
+here, behind feature checks, so the package runs on torch 2.11 and 2.13 alike.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+
+def _tracing_context():
+    """Dynamo's TracingContext, or None outside torch.compile."""
+    guards = getattr(torch, "_guards", None)
+    tc = getattr(guards, "TracingContext", None)
+    return tc.try_get() if tc is not None else None
+
+
+def _backend_fake_mode(example_inputs):
+    """The fake mode Dynamo made for the backend (it shares Dynamo's ShapeEnv)."""
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode(example_inputs) or torch._subclasses.FakeTensorMode()
+
+
+def _fakify(fake_mode, x):
+    """Real example input -> fake tensor in the backend's mode, keeping its symbolic sizes.
+
+    Dynamo hands the backend real tensors and a fresh FakeTensorMode sharing its ShapeEnv;
+    fakifying with a new mode ("Mixing fake modes") or without Dynamo's symbolic context would
+    lose the dynamic dimensions. This mirrors what aot_autograd does with its inputs.
+    """
+    if not isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, torch._subclasses.FakeTensor) and x.fake_mode is fake_mode:
+        return x
+    tc = _tracing_context()
+    table = getattr(tc, "tensor_to_context", None) if tc is not None else None
+    ctx = table[x] if table is not None and x in table else None
+    if ctx is None:
+        return fake_mode.from_tensor(x)
+    return fake_mode.from_tensor(x, symbolic_context=ctx, source=getattr(ctx, "tensor_source", None))
+
+
+def _capture_decompositions():
+    """Ops whose aten form hides a mutation: decompose them so functionalization sees it.
+
+    native_batch_norm updates the running statistics in place without saying so in its schema;
+    decomposed, the update becomes a functional value plus a copy_ into the buffer, which the
+    analysis can treat as a block side output instead of a hidden side effect.
+    """
+    from torch._decomp import get_decompositions
+
+    return get_decompositions([torch.ops.aten.native_batch_norm.default])
+
+
+def functional_aten_graph(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
+    """Trace `gm` to a functional aten graph (no mutations, no views of inputs) under fake mode."""
+    fake_mode = _backend_fake_mode(example_inputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    with fake_mode:
+        fakes = [_fakify(fake_mode, t) for t in example_inputs]
+        fakes = [f.detach() if isinstance(f, torch.Tensor) else f for f in fakes]
+    # With dynamic shapes, Python floats (LayerNorm eps, a scale) become 0-d tensor inputs read
+    # by .item(); Dynamo's fake carries the SymFloat in item_memo and a fresh fake lacks it.
+    for fake, node in zip(fakes, placeholders):
+        ev = node.meta.get("example_value")
+        if isinstance(fake, torch.Tensor) and getattr(ev, "item_memo", None) is not None:
+            fake.item_memo = ev.item_memo
+    with fake_mode, torch.no_grad(), torch.fx.traceback.preserve_node_meta():
+        agm = make_fx(
+            torch.func.functionalize(fx.Interpreter(gm).run, remove="mutations"),
+            decomposition_table=_capture_decompositions(),
+        )(*fakes)
+    # Multi-output ops leave unused getitems behind; they would break the block closure check.
+    agm.graph.eliminate_dead_code()
+    agm.recompile()
+    return agm

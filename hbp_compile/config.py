@@ -1,0 +1,45 @@
+"""Options of the Highway-BP pass: one frozen dataclass, validated once, hashed into cache keys."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Optional
+
+CODEGENS = ("inductor", "eager")
+
+
+@dataclasses.dataclass(frozen=True)
+class HBPConfig:
+    """Everything that changes the graphs the pass emits (and so belongs in a cache key)."""
+
+    iters: int = 3                  # k: rounds of block VJPs after round 0
+    gamma: float = 0.0              # the paper's gamma split (0 = plain Highway-BP)
+    codegen: str = "inductor"       # "inductor" or "eager" (aot_autograd, no codegen)
+    strict: bool = False            # raise instead of falling back to exact backprop
+    batched: bool = True            # one VJP per group of identical blocks per round
+    min_length: int = 1             # shortest stream worth rewriting
+    dump_dir: Optional[str] = None  # where to write graphs and reports (not in the cache key)
+
+    def __post_init__(self):
+        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
+            raise ValueError(f"hbp_backend: iters must be a non-negative int, got {self.iters!r}")
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) \
+                or not 0.0 <= float(self.gamma) <= 1.0:
+            raise ValueError(f"hbp_backend: gamma must be a number in [0, 1], got {self.gamma!r}")
+        if self.codegen not in CODEGENS:
+            raise ValueError(f"hbp_backend: codegen must be one of {CODEGENS}, got {self.codegen!r}")
+        for name in ("strict", "batched"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"hbp_backend: {name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.min_length, bool) or not isinstance(self.min_length, int) or self.min_length < 1:
+            raise ValueError(f"hbp_backend: min_length must be an int >= 1, got {self.min_length!r}")
+        if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
+            raise ValueError(f"hbp_backend: dump_dir must be a path or None, got {self.dump_dir!r}")
+        object.__setattr__(self, "gamma", float(self.gamma))
+
+    def cache_key(self) -> str:
+        """Hash of every option that changes the emitted graphs."""
+        fields = dataclasses.asdict(self)
+        fields.pop("dump_dir")
+        return hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:16]

@@ -1,0 +1,127 @@
+"""Stage 5, report: what the pass found, rewrote, batched and left to exact backprop, per graph."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Optional
+
+
+@dataclasses.dataclass
+class BlockReport:
+    index: int                      # position l in the stream
+    first: str                      # first and last forward node of the block body
+    last: str
+    module_path: Optional[str]
+    group: int
+    n_ops: int
+
+
+@dataclasses.dataclass
+class GroupReport:
+    index: int
+    signature: str
+    summary: str
+    members: list[int]
+    batched: bool
+    reason: str = ""                # why not batched
+    shared_captures: int = 0        # captures that are one value for all members (tied weights)
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+
+@dataclasses.dataclass
+class StreamReport:
+    name: str
+    length: int                     # L
+    residual_kind: str
+    x0: str
+    blocks: list[BlockReport]
+    groups: list[GroupReport]
+    injections: list[int]           # positions l < L whose state is read outside the stream
+    side_outputs: int
+    scan: str
+    vjps_per_round: dict = dataclasses.field(default_factory=dict)   # filled from the bw graph
+
+
+@dataclasses.dataclass
+class SkipReport:
+    node: str
+    reason: str
+
+
+@dataclasses.dataclass
+class GraphReport:
+    index: int
+    config: dict
+    streams: list[StreamReport] = dataclasses.field(default_factory=list)
+    skipped: list[SkipReport] = dataclasses.field(default_factory=list)
+    residual_steps: int = 0         # residual steps found in the graph
+    fallback_reason: Optional[str] = None
+    graphs: dict = dataclasses.field(default_factory=dict, repr=False)  # name -> GraphModule
+
+    @property
+    def rewritten_blocks(self) -> int:
+        return sum(s.length for s in self.streams)
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of the graph's residual blocks whose backward was rewritten."""
+        return self.rewritten_blocks / self.residual_steps if self.residual_steps else 0.0
+
+    @property
+    def rewritten(self) -> bool:
+        return bool(self.streams) and self.fallback_reason is None
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("graphs")
+        d.update(coverage=self.coverage, rewritten_blocks=self.rewritten_blocks,
+                 rewritten=self.rewritten)
+        return d
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1, default=str)
+
+    def __str__(self) -> str:
+        c = self.config
+        head = (f"hbp_compile graph {self.index} (iters={c.get('iters')}, gamma={c.get('gamma')}, "
+                f"codegen={c.get('codegen')}): ")
+        if self.fallback_reason is not None:
+            lines = [head + f"exact backprop (fallback: {self.fallback_reason})"]
+        else:
+            lines = [head + f"{len(self.streams)} stream(s), {self.rewritten_blocks}/"
+                     f"{self.residual_steps} residual blocks rewritten "
+                     f"(coverage {100 * self.coverage:.0f}%)"]
+        for s in self.streams:
+            inj = ", ".join(f"x_{l}" for l in s.injections) or "none"
+            lines.append(f"  stream {s.name}: L={s.length}, {s.residual_kind} residual, "
+                         f"x_0={s.x0}, scan={s.scan}, gradient injected at: {inj}"
+                         + (f", {s.side_outputs} side output(s)" if s.side_outputs else ""))
+            for g in s.groups:
+                how = "batched" if g.batched else f"unbatched ({g.reason})"
+                tied = f", {g.shared_captures} shared capture(s)" if g.shared_captures else ""
+                lines.append(f"    group {g.index}: {g.size} block(s) {_ranges(g.members)} {how}"
+                             f"{tied} -- {g.summary}")
+            for b in s.blocks:
+                where = b.module_path or "?"
+                lines.append(f"    block {b.index:>3} group {b.group}  {where:<28} "
+                             f"%{b.first} .. %{b.last} ({b.n_ops} ops)")
+            if s.vjps_per_round:
+                per = ", ".join(f"{r}: {n}" for r, n in s.vjps_per_round.items())
+                lines.append(f"    block VJPs in the backward graph per round: {per}")
+        for sk in self.skipped:
+            lines.append(f"  not rewritten: %{sk.node}: {sk.reason}")
+        if not self.streams and self.fallback_reason is None:
+            lines.append("  no residual stream found: exact backprop")
+        return "\n".join(lines)
+
+
+def _ranges(xs: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"; [0, 2, 4] -> "0-4/2"."""
+    if len(xs) > 2:
+        step = xs[1] - xs[0]
+        if step > 0 and all(b - a == step for a, b in zip(xs, xs[1:])):
+            return f"[{xs[0]}-{xs[-1]}" + (f"/{step}]" if step > 1 else "]")
+    return "[" + ",".join(map(str, xs)) + "]"

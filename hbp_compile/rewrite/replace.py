@@ -1,0 +1,85 @@
+"""Swap a stream's nodes in the aten graph for one call of HighwayStream."""
+from __future__ import annotations
+
+import operator
+
+import torch.fx as fx
+
+from ..analysis.blocks import Block
+from ..analysis.groups import Group
+from .highway_stream import GroupSpec, HighwayStream, StreamSpec
+
+
+def state_outputs(blocks: list[Block]) -> tuple[int, ...]:
+    """Stream positions l in 1..L whose state x_l is read outside the stream (x_L always)."""
+    L = len(blocks)
+    out = []
+    for l in range(1, L):
+        inside = set(blocks[l].body) | {blocks[l].step.node}
+        if any(u not in inside for u in blocks[l - 1].step.node.users):
+            out.append(l)
+    return tuple(out) + (L,)
+
+
+def build_spec(name: str, blocks: list[Block], groups: list[Group], batched: list[bool],
+               iters: int, gamma: float) -> tuple[StreamSpec, list]:
+    """The StreamSpec of a stream and the flat list of captured graph values it takes."""
+    caps: list = []
+    slot: dict = {}
+    block_caps = []
+    for blk in blocks:
+        idx = []
+        for c in blk.captures:
+            if c not in slot:
+                slot[c] = len(caps)
+                caps.append(c)
+            idx.append(slot[c])
+        block_caps.append(tuple(idx))
+    block_group = [0] * len(blocks)
+    group_specs = []
+    for gi, (g, b) in enumerate(zip(groups, batched)):
+        for l in g.members:
+            block_group[l] = gi
+        group_specs.append(GroupSpec(
+            template=g.template.gm, members=tuple(g.members), shared=tuple(g.shared),
+            batched=b, side_differentiable=tuple(blocks[g.members[0]].side_differentiable)))
+    spec = StreamSpec(name=name, length=len(blocks), block_group=tuple(block_group),
+                      block_caps=tuple(block_caps), groups=tuple(group_specs),
+                      state_outputs=state_outputs(blocks), iters=iters, gamma=gamma)
+    return spec, caps
+
+
+def replace_stream(graph: fx.Graph, spec: StreamSpec, blocks: list[Block], caps: list,
+                   renamed: dict) -> fx.Node:
+    """Insert `HighwayStream.apply(spec, x0, *caps)` and route every outside reader to it.
+
+    `renamed` maps nodes that an earlier rewrite replaced (a stream whose x_0 is another
+    stream's x_L) to their replacements, and is updated with this stream's outputs.
+    """
+    def resolve(n):
+        while isinstance(n, fx.Node) and n in renamed:
+            n = renamed[n]
+        return n
+
+    def highway_stream(x0, *caps):
+        return HighwayStream.apply(spec, x0, *caps)
+
+    highway_stream.__name__ = highway_stream.__qualname__ = spec.name
+    last = blocks[-1].step.node
+    with graph.inserting_after(last):
+        call = graph.call_function(highway_stream, (resolve(blocks[0].x), *map(resolve, caps)))
+    call.name = spec.name
+    values = [blocks[l - 1].step.node for l in spec.state_outputs]
+    values += [s for blk in blocks for s in blk.side_outputs]
+    inside = {n for blk in blocks for n in blk.body} | {blk.step.node for blk in blocks}
+    prev = call
+    for i, old in enumerate(values):
+        with graph.inserting_after(prev):
+            new = graph.call_function(operator.getitem, (call, i))
+        new.meta["val"] = old.meta.get("val")
+        prev = new
+        for user in list(old.users):
+            if user not in inside and user is not call:
+                user.replace_input_with(old, new)
+        renamed[old] = new
+    return call

@@ -1,0 +1,32 @@
+"""Scans along the residual path: solve g_l = c * g_{l+1} + a_l backwards in l.
+
+Written with plain torch ops so that AOTAutograd traces them and Inductor compiles them.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def reverse_cumsum(a: torch.Tensor) -> torch.Tensor:
+    """g_l = sum_{j >= l} a_j along dim 0 (identity residuals, K_l = I)."""
+    return a.flip(0).cumsum(0).flip(0)
+
+
+def reverse_scan_scalar(a: torch.Tensor, decay: float) -> torch.Tensor:
+    """g_l = decay * g_{l+1} + a_l along dim 0, g_{n-1} = a_{n-1} (K_l = decay * I).
+
+    decay = 1 is a reverse cumsum and decay = 0 no scan at all; otherwise a Hillis-Steele
+    doubling scan, log2(n) steps, which stays finite where the rescaling trick
+    cumsum(decay^-l a_l) would overflow for long streams.
+    """
+    if decay == 1.0:
+        return reverse_cumsum(a)
+    if decay == 0.0:
+        return a
+    n, g, d = a.shape[0], a, 1
+    while d < n:
+        # after this step g_l = sum_{j = l}^{l + 2d - 1} decay^(j - l) a_j
+        shifted = torch.cat([g[d:], torch.zeros_like(g[:d])])
+        g = g + (decay ** d) * shifted
+        d *= 2
+    return g

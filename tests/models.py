@@ -1,0 +1,295 @@
+"""Small test models for Highway-BP, each with a residual stream (or, for contrast, none).
+
+Every model's `forward(*inputs)` returns a scalar loss. Every model also has
+`stream_view(*inputs) -> (streams, head)`, the decomposition the eager oracle (oracle.py) works on:
+
+- `streams` is a list of `(x0, blocks)`, one entry per residual stream. `x0` is the stream's
+  initial state, computed from the inputs by the prelude (embeddings, input projections) and still
+  attached to the prelude's autograd graph; for a model without a prelude it is the input itself.
+  `blocks` is a list of callables with `z_l = blocks[l](x_l)` and `x_{l+1} = x_l + z_l`.
+- `head(states)` takes one list `[x_0, ..., x_L]` per stream and returns the loss exactly as
+  `forward` computes it. Gradients the head sends into any x_l (not only x_L) are the injections.
+
+`stream_loss(streams, head)` runs that decomposition forward; tests check it equals `forward`
+bit for bit. `example_inputs(batch_size)` draws random inputs of the model's dtype.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def stream_loss(streams, head):
+    """Run every stream's blocks from its x0 (with autograd) and return head(states)."""
+    states = []
+    for x0, blocks in streams:
+        xs = [x0]
+        for blk in blocks:
+            xs.append(xs[-1] + blk(xs[-1]))
+        states.append(xs)
+    return head(states)
+
+
+def _dtype(module):
+    return next(module.parameters()).dtype
+
+
+class MLPBlock(nn.Module):
+    """LayerNorm -> Linear -> GELU -> Linear: the expensive part z = block(x) of one residual step."""
+
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, hidden)
+        self.gelu = nn.GELU()
+        self.fc2 = nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.fc2(self.gelu(self.fc1(self.ln(x))))
+
+
+# -----------------------------------------------------------------------------
+# ResMLP: the plainest residual stream, x_{l+1} = x_l + MLP(LN(x_l))
+
+
+class ResMLP(nn.Module):
+    """A deep narrow residual MLP: one stream of n_blocks steps, no prelude (x0 is the input)."""
+
+    def __init__(self, d=16, hidden=32, n_blocks=8):
+        super().__init__()
+        self.d = d
+        self.blocks = nn.ModuleList(MLPBlock(d, hidden) for _ in range(n_blocks))
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, x):
+        # x: (B, d)
+        for blk in self.blocks:
+            x = x + blk(x)
+        return self._loss(x)
+
+    def _loss(self, x):
+        return self.head(x).pow(2).mean()
+
+    def stream_view(self, x):
+        return [(x, list(self.blocks))], lambda states: self._loss(states[0][-1])
+
+    def example_inputs(self, batch_size=4):
+        return (torch.randn(batch_size, self.d, dtype=_dtype(self)),)
+
+
+# -----------------------------------------------------------------------------
+# GPT: a pre-LN transformer, nanoGPT style (no dropout, no weight init tricks)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention with explicit matmuls, so the block is plain autograd ops."""
+
+    def __init__(self, n_embd, n_head, block_size):
+        super().__init__()
+        assert n_embd % n_head == 0
+        self.n_head = n_head
+        self.n_embd = n_embd
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)  # q, k, v projections in one matmul
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        # causal mask: position t attends to positions <= t only
+        self.register_buffer(
+            "bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size)
+        )
+
+    def forward(self, x):
+        B, T, C = x.size()  # batch, sequence length, embedding dim (n_embd)
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        y = att @ v  # (B, nh, T, T) x (B, nh, T, hs) -> (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    """The transformer's position-wise feed-forward net, 4x wide."""
+
+    def __init__(self, n_embd):
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * n_embd, n_embd)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    """One transformer layer = two residual steps of the stream (attention, then MLP)."""
+
+    def __init__(self, n_embd, n_head, block_size):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head, block_size)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = MLP(n_embd)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+    def branches(self):
+        """The two residual branches of forward, as the stream's blocks z = branch(x)."""
+        return [lambda x: self.attn(self.ln_1(x)), lambda x: self.mlp(self.ln_2(x))]
+
+
+class GPT(nn.Module):
+    """A tiny pre-LN GPT; its stream has L = 2 * n_layer steps. tie_weights shares wte with lm_head."""
+
+    def __init__(self, vocab=64, block_size=16, n_layer=4, n_head=2, n_embd=32, tie_weights=False):
+        super().__init__()
+        self.vocab = vocab
+        self.block_size = block_size
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(vocab, n_embd),
+                wpe=nn.Embedding(block_size, n_embd),
+                h=nn.ModuleList(Block(n_embd, n_head, block_size) for _ in range(n_layer)),
+                ln_f=nn.LayerNorm(n_embd),
+            )
+        )
+        self.lm_head = nn.Linear(n_embd, vocab, bias=False)
+        if tie_weights:
+            # nanoGPT's weight tying: a parameter used by both the prelude and the head
+            self.transformer.wte.weight = self.lm_head.weight
+
+    def forward(self, idx, targets):
+        x = self._embed(idx)  # (B, T, n_embd)
+        for block in self.transformer.h:
+            x = block(x)
+        return self._loss(x, targets)
+
+    def _embed(self, idx):
+        B, T = idx.size()
+        assert T <= self.block_size
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        tok_emb = self.transformer.wte(idx)  # (B, T, n_embd)
+        pos_emb = self.transformer.wpe(pos)  # (T, n_embd)
+        return tok_emb + pos_emb
+
+    def _loss(self, x, targets):
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    def stream_view(self, idx, targets):
+        blocks = [branch for block in self.transformer.h for branch in block.branches()]
+        return [(self._embed(idx), blocks)], lambda states: self._loss(states[0][-1], targets)
+
+    def example_inputs(self, batch_size=4):
+        idx = torch.randint(self.vocab, (batch_size, self.block_size))
+        targets = torch.randint(self.vocab, (batch_size, self.block_size))
+        return idx, targets
+
+
+# -----------------------------------------------------------------------------
+# TwoStreams: two independent chains that only meet in the head
+
+
+class TwoStreams(nn.Module):
+    """Two residual towers with their own weights, fed from one input, multiplied in the head."""
+
+    def __init__(self, d=16, hidden=32, n_blocks=4):
+        super().__init__()
+        self.d = d
+        self.proj_a = nn.Linear(d, d)
+        self.proj_b = nn.Linear(d, d)
+        self.blocks_a = nn.ModuleList(MLPBlock(d, hidden) for _ in range(n_blocks))
+        self.blocks_b = nn.ModuleList(MLPBlock(d, hidden) for _ in range(n_blocks))
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, x):
+        # x: (B, d)
+        a = self.proj_a(x)  # (B, d)
+        b = self.proj_b(x)  # (B, d)
+        for blk in self.blocks_a:
+            a = a + blk(a)
+        for blk in self.blocks_b:
+            b = b + blk(b)
+        return self._loss(a, b)
+
+    def _loss(self, a, b):
+        return self.head(a * b).pow(2).mean()
+
+    def stream_view(self, x):
+        streams = [(self.proj_a(x), list(self.blocks_a)), (self.proj_b(x), list(self.blocks_b))]
+        return streams, lambda states: self._loss(states[0][-1], states[1][-1])
+
+    def example_inputs(self, batch_size=4):
+        return (torch.randn(batch_size, self.d, dtype=_dtype(self)),)
+
+
+# -----------------------------------------------------------------------------
+# InjectedHead: a second loss reads the stream mid-way, injecting a gradient at x_tap
+
+
+class InjectedHead(nn.Module):
+    """A residual MLP with an auxiliary head on x_tap, the state after the first `tap` blocks."""
+
+    def __init__(self, d=16, hidden=32, n_blocks=6, tap=3):
+        super().__init__()
+        assert 0 <= tap <= n_blocks
+        self.d = d
+        self.tap = tap
+        self.blocks = nn.ModuleList(MLPBlock(d, hidden) for _ in range(n_blocks))
+        self.main_head = nn.Linear(d, 1)
+        self.aux_head = nn.Linear(d, 1)
+
+    def forward(self, x):
+        # x: (B, d)
+        x_tap = x  # tap == 0 reads the input itself
+        for l, blk in enumerate(self.blocks):
+            x = x + blk(x)
+            if l + 1 == self.tap:
+                x_tap = x
+        return self._loss(x, x_tap)
+
+    def _loss(self, x_last, x_tap):
+        return self.main_head(x_last).pow(2).mean() + self.aux_head(x_tap).pow(2).mean()
+
+    def stream_view(self, x):
+        return [(x, list(self.blocks))], lambda states: self._loss(states[0][-1], states[0][self.tap])
+
+    def example_inputs(self, batch_size=4):
+        return (torch.randn(batch_size, self.d, dtype=_dtype(self)),)
+
+
+# -----------------------------------------------------------------------------
+# NoResidual: nothing for Highway-BP to do
+
+
+class NoResidual(nn.Module):
+    """A plain MLP (bias adds, LayerNorm, GELU) with no residual additions: no stream exists."""
+
+    def __init__(self, d=16, hidden=32, n_layers=4):
+        super().__init__()
+        self.d = d
+        dims = [d] + [hidden] * n_layers
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(d_in, d_out), nn.LayerNorm(d_out), nn.GELU())
+            for d_in, d_out in zip(dims[:-1], dims[1:])
+        )
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x):
+        # x: (B, d)
+        for layer in self.layers:
+            x = layer(x)  # (B, hidden)
+        return self.head(x).pow(2).mean()
+
+    def stream_view(self, x):
+        """No streams; the head ignores `states` and computes the whole loss from the input."""
+        return [], lambda states: self(x)
+
+    def example_inputs(self, batch_size=4):
+        return (torch.randn(batch_size, self.d, dtype=_dtype(self)),)
