@@ -25,6 +25,16 @@ class HBPError(RuntimeError):
     """Raised in strict mode where the pass would otherwise fall back to exact backprop."""
 
 
+def _restart_exceptions() -> tuple:
+    """Dynamo's restart signals: control flow, to be passed on, not reported as failures."""
+    exc = getattr(getattr(torch, "_dynamo", None), "exc", None)
+    restart = getattr(exc, "RestartAnalysis", None)
+    return (restart,) if restart is not None else ()
+
+
+_PASS_THROUGH = (HBPError, *_restart_exceptions())
+
+
 class HBPBackend:
     """A torch.compile backend that trains residual streams with Highway-BP."""
 
@@ -44,7 +54,8 @@ class HBPBackend:
         rewritten = None
         try:
             rewritten = self._rewrite(gm, example_inputs, report)
-        except HBPError:
+        except _PASS_THROUGH:
+            self.reports.remove(report)       # Dynamo restarts the frame: a new report follows
             raise
         except Exception as e:                      # noqa: BLE001 - reported, never swallowed
             self._fall_back(report, f"the pass failed: {type(e).__name__}: {e}", e)
@@ -53,6 +64,9 @@ class HBPBackend:
             try:
                 compiled = compile_graph(rewritten, example_inputs, cfg.codegen,
                                          lambda name, g: self._on_graph(report, name, g))
+            except _PASS_THROUGH:
+                self.reports.remove(report)
+                raise
             except Exception as e:                  # noqa: BLE001
                 self._fall_back(report, f"compiling the rewritten graph failed: "
                                         f"{type(e).__name__}: {e}", e)
@@ -98,8 +112,8 @@ class HBPBackend:
                                     cfg.iters, cfg.gamma)
             replace_stream(agm.graph, spec, seg.blocks, caps, renamed)
             report.streams.append(_stream_report(name, seg, spec, batched, reasons))
+        _stable_topological_sort(agm.graph)    # readers of x_l may precede the new call
         agm.graph.eliminate_dead_code()
-        _stable_topological_sort(agm.graph)
         agm.graph.lint()
         agm.recompile()
         report.graphs["rewritten"] = agm.print_readable(print_output=False)

@@ -44,16 +44,32 @@ def _fakify(fake_mode, x):
     return fake_mode.from_tensor(x, symbolic_context=ctx, source=getattr(ctx, "tensor_source", None))
 
 
+def _functional_batch_norm(input, weight, bias, running_mean, running_var, training,
+                           momentum, eps):
+    """native_batch_norm as its functional form plus explicit copy_ into the running buffers."""
+    aten = torch.ops.aten
+    if running_mean is None or running_var is None:
+        return aten._native_batch_norm_legit.no_stats(input, weight, bias, training, momentum, eps)
+    if not training:
+        return aten._native_batch_norm_legit_no_training.default(
+            input, weight, bias, running_mean, running_var, momentum, eps)
+    out, mean, rstd, new_mean, new_var = aten._native_batch_norm_legit_functional.default(
+        input, weight, bias, running_mean, running_var, True, momentum, eps)
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
+    return out, mean, rstd
+
+
 def _capture_decompositions():
-    """Ops whose aten form hides a mutation: decompose them so functionalization sees it.
+    """Ops whose aten form hides a mutation, rewritten so that functionalization sees it.
 
-    native_batch_norm updates the running statistics in place without saying so in its schema;
-    decomposed, the update becomes a functional value plus a copy_ into the buffer, which the
-    analysis can treat as a block side output instead of a hidden side effect.
+    native_batch_norm updates the running statistics in place without saying so in its schema.
+    Written as _native_batch_norm_legit_functional, the update becomes the op's extra outputs
+    plus a copy_ into each buffer: the analysis sees block side outputs instead of
+    a hidden side effect, and the kernel (so the forward's numbers) stays the one an exact
+    compile runs.
     """
-    from torch._decomp import get_decompositions
-
-    return get_decompositions([torch.ops.aten.native_batch_norm.default])
+    return {torch.ops.aten.native_batch_norm.default: _functional_batch_norm}
 
 
 def functional_aten_graph(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:

@@ -19,6 +19,15 @@ EXACT = 1e-10  # float64 rel err of two summation orders of the same gradient
 DIFFERENT = 1e-8  # a missing path shows up far above rounding
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: intra-op threads only add contention (3x slower on a busy box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
@@ -48,6 +57,8 @@ def make_model(name, L):
         model = InjectedHead(d=8, hidden=16, n_blocks=L, tap=L // 2)
     elif name == "injected_end":
         model = InjectedHead(d=8, hidden=16, n_blocks=L, tap=L)
+    elif name == "noresidual":
+        model = NoResidual(d=8, hidden=16, n_layers=L)
     else:
         raise ValueError(name)
     return model.double()
@@ -102,10 +113,11 @@ def exact_state_grads(streams, head):
 def test_stream_view_matches_forward(case):
     name, L = case
     torch.manual_seed(seed_of("view", case))
-    model = NoResidual(d=8, hidden=16, n_layers=L).double() if name == "noresidual" else make_model(name, L)
+    model = make_model(name, L)
     inputs = make_inputs(model)
     streams, head = model.stream_view(*inputs)
     assert all(len(blocks) == L for _, blocks in streams)
+    assert (len(streams) == 0) == (name == "noresidual")
     assert torch.equal(stream_loss(streams, head), model(*inputs))
 
 
@@ -136,7 +148,7 @@ def test_exact_when_k_at_least_L(case, extra_rounds, gamma):
 @pytest.mark.parametrize("k", [0, 2])
 def test_no_residual_is_plain_backprop(k):
     torch.manual_seed(seed_of("nores", k))
-    model = NoResidual(d=8, hidden=16, n_layers=4).double()
+    model = make_model("noresidual", 4)
     (x,) = make_inputs(model)
     exact_backward(model, x)
     want = {**param_grads(model), "x": x.grad.clone()}
@@ -153,7 +165,9 @@ def test_shared_block_accumulates(L):
     model = ResMLP(d=8, hidden=16, n_blocks=1).double()
     x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
     blocks = [model.blocks[0]] * L
-    head = lambda states: model.head(states[0][-1]).pow(2).mean()  # noqa: E731
+
+    def head(states):
+        return model.head(states[0][-1]).pow(2).mean()
 
     stream_loss([(x, blocks)], head).backward()
     want = {**param_grads(model), "x": x.grad.clone()}
@@ -187,6 +201,7 @@ def test_exactness_boundary(case, gamma):
         "twostreams": lambda l: [model.blocks_a[l], model.blocks_b[l]],
     }.get(name)
     head_names = [n for n in want_params if "head" in n]
+    param_name = {p: n for n, p in model.named_parameters()}
 
     for k in range(L + 1):
         model.zero_grad(set_to_none=True)
@@ -201,9 +216,9 @@ def test_exactness_boundary(case, gamma):
             for l in range(L):
                 for module in step_modules(l):
                     for p in module.parameters():
-                        name_p = next(n for n, q in model.named_parameters() if q is p)
-                        err = rel_err(got_params[name_p], want_params[name_p])
-                        assert (err < EXACT) if k >= L - 1 - l else (err > DIFFERENT), (k, l, name_p, err)
+                        n = param_name[p]
+                        err = rel_err(got_params[n], want_params[n])
+                        assert (err < EXACT) if k >= L - 1 - l else (err > DIFFERENT), (k, l, n, err)
         for n in head_names:
             assert rel_err(got_params[n], want_params[n]) < EXACT, (k, n)
 

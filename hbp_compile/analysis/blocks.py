@@ -157,6 +157,11 @@ def extract_block(step: ResidualStep, index: GraphIndex) -> Block:
                     and all(u in body for u in n.users):
                 body.add(n)
                 changed = True
+    # A multi-output op (batch norm: out, mean, rstd, new running stats) is one body node; its
+    # getitems read outside the block become body nodes, so side outputs are tensors.
+    for n in list(body):
+        if isinstance(n.meta.get("val"), (tuple, list)):
+            body.update(u for u in n.users if u.target is operator.getitem)
     ordered = sorted(body, key=index.pos.__getitem__)
     for n in ordered:
         _check_op(n)

@@ -80,7 +80,7 @@ def _summary(block: Block) -> str:
 _HEAVY_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "convolution", "native_layer_norm",
               "_softmax", "var_mean", "_scaled_dot_product_flash_attention_for_cpu",
               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
-              "embedding", "gelu", "silu", "tanh", "sigmoid", "relu"}
+              "embedding", "_native_batch_norm_legit_functional", "gelu", "silu", "tanh", "sigmoid", "relu"}
 
 
 @dataclasses.dataclass

@@ -56,6 +56,7 @@ class StreamSpec:
     state_outputs: tuple[int, ...]       # stream positions l in 1..L returned (x_L always)
     iters: int
     gamma: float
+    mutated_caps: frozenset = frozenset()  # captures the graph writes to later (copy_)
 
     def side_layout(self):
         """(block, side-output index, differentiable) for every returned side output."""
@@ -169,7 +170,10 @@ class HighwayStream(torch.autograd.Function):
             xs.append(x)
             sides.extend(outs[1:])
         ctx.spec = spec
-        tensor_caps = [c for c in caps if isinstance(c, torch.Tensor)]
+        # A buffer that the graph overwrites after this call (BatchNorm's running statistics)
+        # is saved as a copy: the backward re-runs the blocks on the values they saw.
+        tensor_caps = [c.clone() if i in spec.mutated_caps else c
+                       for i, c in enumerate(caps) if isinstance(c, torch.Tensor)]
         ctx.cap_is_tensor = [isinstance(c, torch.Tensor) for c in caps]
         ctx.other_caps = [c for c in caps if not isinstance(c, torch.Tensor)]
         ctx.save_for_backward(*xs[:-1], *tensor_caps)

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import operator
 
+import torch
 import torch.fx as fx
 
 from ..analysis.blocks import Block
 from ..analysis.groups import Group
 from .highway_stream import GroupSpec, HighwayStream, StreamSpec
+
+aten = torch.ops.aten
 
 
 def state_outputs(blocks: list[Block]) -> tuple[int, ...]:
@@ -43,9 +46,12 @@ def build_spec(name: str, blocks: list[Block], groups: list[Group], batched: lis
         group_specs.append(GroupSpec(
             template=g.template.gm, members=tuple(g.members), shared=tuple(g.shared),
             batched=b, side_differentiable=tuple(blocks[g.members[0]].side_differentiable)))
+    mutated = frozenset(i for i, c in enumerate(caps)
+                        if any(u.target is aten.copy_.default and u.args[0] is c for u in c.users))
     spec = StreamSpec(name=name, length=len(blocks), block_group=tuple(block_group),
                       block_caps=tuple(block_caps), groups=tuple(group_specs),
-                      state_outputs=state_outputs(blocks), iters=iters, gamma=gamma)
+                      state_outputs=state_outputs(blocks), iters=iters, gamma=gamma,
+                      mutated_caps=mutated)
     return spec, caps
 
 
