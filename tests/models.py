@@ -293,3 +293,108 @@ class NoResidual(nn.Module):
 
     def example_inputs(self, batch_size=4):
         return (torch.randn(batch_size, self.d, dtype=_dtype(self)),)
+
+
+# -----------------------------------------------------------------------------
+# Llama: RMSNorm (an eps add), rotary embeddings (adds of rotated halves), SwiGLU. None of those
+# adds is a residual step: the stream still has exactly 2 * n_layer steps.
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * w: its `+ eps` is an add that reads the stream."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RoPEAttention(nn.Module):
+    """Causal attention with rotary position embeddings: q * cos + rotate_half(q) * sin."""
+
+    def __init__(self, d, n_head, block_size):
+        super().__init__()
+        self.n_head, self.hs = n_head, d // n_head
+        self.wq, self.wk, self.wv = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.wo = nn.Linear(d, d, bias=False)
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, self.hs, 2).float() / self.hs))
+        angles = torch.outer(torch.arange(block_size).float(), inv_freq)   # (T, hs/2)
+        self.register_buffer("cos", torch.cat([angles.cos()] * 2, -1), persistent=False)
+        self.register_buffer("sin", torch.cat([angles.sin()] * 2, -1), persistent=False)
+        self.register_buffer("mask", torch.tril(torch.ones(block_size, block_size)).bool())
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (w(x).view(B, T, self.n_head, self.hs).transpose(1, 2)
+                   for w in (self.wq, self.wk, self.wv))                     # (B, nh, T, hs)
+        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(self.hs)                 # (B, nh, T, T)
+        att = att.masked_fill(~self.mask[:T, :T], float("-inf")).softmax(-1)
+        return self.wo((att @ v).transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.w1, self.w3 = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, d, n_head, block_size):
+        super().__init__()
+        self.attn_norm, self.mlp_norm = RMSNorm(d), RMSNorm(d)
+        self.attn = RoPEAttention(d, n_head, block_size)
+        self.mlp = SwiGLU(d, 2 * d)
+
+    def forward(self, x):
+        x = x + self.attn(self.attn_norm(x))
+        x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+    def branches(self):
+        return [lambda x: self.attn(self.attn_norm(x)), lambda x: self.mlp(self.mlp_norm(x))]
+
+
+class Llama(nn.Module):
+    """A tiny Llama: embedding (no positions: RoPE), n_layer layers, RMSNorm, head."""
+
+    def __init__(self, vocab=64, block_size=16, n_layer=3, n_head=2, d=32):
+        super().__init__()
+        self.vocab, self.block_size = vocab, block_size
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(LlamaLayer(d, n_head, block_size) for _ in range(n_layer))
+        self.norm = RMSNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx, targets):
+        x = self.embed(idx)                                                  # (B, T, d)
+        for layer in self.layers:
+            x = layer(x)
+        return self._loss(x, targets)
+
+    def _loss(self, x, targets):
+        logits = self.head(self.norm(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    def stream_view(self, idx, targets):
+        blocks = [b for layer in self.layers for b in layer.branches()]
+        return [(self.embed(idx), blocks)], lambda states: self._loss(states[0][-1], targets)
+
+    def example_inputs(self, batch_size=4):
+        idx = torch.randint(self.vocab, (batch_size, self.block_size))
+        targets = torch.randint(self.vocab, (batch_size, self.block_size))
+        return idx, targets

@@ -1,0 +1,74 @@
+"""Glue between the package and the oracle: compile, run one backward, collect gradients."""
+import copy
+
+import torch
+
+from hbp_compile import hbp_backend
+from oracle import highway_backward, param_grads
+
+
+def clone_inputs(inputs, grad_inputs=True):
+    """Fresh leaf copies; floating inputs require grad so that dL/dx_0 is compared too."""
+    out = []
+    for t in inputs:
+        t = t.detach().clone()
+        if grad_inputs and t.dtype.is_floating_point:
+            t.requires_grad_(True)
+        out.append(t)
+    return out
+
+
+def grads_of(model, inputs):
+    """{name: grad} for parameters and floating inputs ("input.i")."""
+    g = param_grads(model)
+    for i, t in enumerate(inputs):
+        if t.requires_grad:
+            g[f"input.{i}"] = t.grad.detach().clone()
+    return g
+
+
+def exact(model, inputs):
+    """Loss and gradients of plain eager autograd, on a copy of the model."""
+    m = copy.deepcopy(model)
+    xs = clone_inputs(inputs)
+    loss = m(*xs)
+    loss.backward()
+    return loss.detach(), grads_of(m, xs)
+
+
+def oracle(model, inputs, k, gamma=0.0):
+    """Loss and gradients of the independent eager Highway-BP iteration, on a copy."""
+    m = copy.deepcopy(model)
+    xs = clone_inputs(inputs)
+    streams, head = m.stream_view(*xs)
+    loss, _ = highway_backward(streams, head, k, gamma=gamma)
+    return loss, grads_of(m, xs)
+
+
+def compiled(model, inputs, k, codegen="eager", **options):
+    """Loss, gradients and backend of torch.compile(copy, backend=hbp_backend(k, ...))."""
+    m = copy.deepcopy(model)
+    backend = hbp_backend(iters=k, codegen=codegen, **options)
+    cm = torch.compile(m, backend=backend)
+    xs = clone_inputs(inputs)
+    loss = cm(*xs)
+    loss.backward()
+    return loss.detach(), grads_of(m, xs), backend
+
+
+def max_rel_err(got, want):
+    """Largest per-tensor relative error ||got - want|| / ||want|| over matching names."""
+    assert got.keys() == want.keys()
+    scale = max(w.norm().item() for w in want.values())
+    worst = 0.0
+    for name, w in want.items():
+        denom = max(w.norm().item(), 1e-12 * scale, 1e-300)
+        worst = max(worst, (got[name] - w).norm().item() / denom)
+    return worst
+
+
+def worst_param(got, want):
+    """Name and relative error of the worst-matching tensor (for assertion messages)."""
+    errs = {n: (got[n] - w).norm().item() / max(w.norm().item(), 1e-300) for n, w in want.items()}
+    name = max(errs, key=errs.get)
+    return name, errs[name]
