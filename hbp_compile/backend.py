@@ -6,7 +6,6 @@ with strict=True it raises HBPError instead.
 from __future__ import annotations
 
 import logging
-import warnings
 
 import torch
 import torch.fx as fx
@@ -16,6 +15,7 @@ from .capture import functional_aten_graph
 from .codegen import compile_graph, count_block_vjps
 from .config import HBPConfig
 from .report import BlockReport, GraphReport, GroupReport, SkipReport, StreamReport
+from .analysis.batching import batching_problem
 from .rewrite.replace import build_spec, replace_stream
 
 log = logging.getLogger("hbp_compile")
@@ -74,10 +74,13 @@ class HBPBackend:
             compiled = compile_graph(gm, example_inputs, cfg.codegen,
                                      lambda name, g: self._on_graph(report, name, g))
         log.info("%s", report)
-        if cfg.dump_dir is not None:
-            from .debug import dump_report
-            dump_report(cfg.dump_dir, report)
+        self._dump(report)
         return compiled
+
+    def _dump(self, report: GraphReport) -> None:
+        if self.config.dump_dir is not None:
+            from .debug import dump_report
+            dump_report(self.config.dump_dir, report)
 
     def _fall_back(self, report: GraphReport, reason: str, exc: Exception) -> None:
         if self.config.strict:
@@ -88,10 +91,11 @@ class HBPBackend:
 
     def _on_graph(self, report: GraphReport, name: str, g: fx.GraphModule) -> None:
         report.graphs[name] = g
-        if name == "backward":
+        if name == "backward":         # compiled lazily, at the first backward call
             counts = count_block_vjps(g)
             for s in report.streams:
                 s.vjps_per_round = counts.get(s.name, {})
+            self._dump(report)
 
     def _rewrite(self, gm: fx.GraphModule, example_inputs, report: GraphReport):
         """The rewritten functional aten graph, or None when there is nothing to rewrite."""
@@ -125,41 +129,10 @@ class HBPBackend:
             return False, "a single block"
         if not self.config.batched:
             return False, "batching disabled (batched=False)"
-        reason = _probe_vmap(group)
+        reason = batching_problem(group)
         if reason is not None and self.config.strict:
             raise HBPError(f"group of {group.size} blocks cannot be batched: {reason}")
         return reason is None, reason or ""
-
-
-def _probe_vmap(group) -> str | None:
-    """Trace the group's batched VJP on fake inputs; the reason it cannot be batched, or None."""
-    from torch._guards import detect_fake_mode
-
-    gm = group.template.gm
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    vals = [n.meta.get("val") for n in phs]
-    fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-    if fake_mode is None:
-        return None
-    n = 2
-    with fake_mode, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            args, in_dims = [], []
-            for j, v in enumerate(vals):
-                stacked = isinstance(v, torch.Tensor) and (j == 0 or not group.shared[j - 1])
-                args.append(v.new_empty((n, *v.shape)) if stacked else v)
-                in_dims.append(0 if stacked else None)
-            outs, vjp_fn = torch.func.vjp(
-                lambda x: torch.func.vmap(gm, in_dims=tuple(in_dims))(x, *args[1:]), args[0])
-            vjp_fn(tuple(torch.zeros_like(o) if o.dtype.is_floating_point else None
-                         for o in outs))
-        except Exception as e:                      # noqa: BLE001
-            return f"vmap failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    for w in caught:
-        if "batching rule" in str(w.message):
-            return f"no batching rule: {str(w.message).splitlines()[0][:160]}"
-    return None
 
 
 def _stable_topological_sort(graph: fx.Graph) -> None:

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ..analysis.batching import vmappable
 from .scan import reverse_scan_scalar
 
 try:                                    # node annotations, to find each VJP in the graphs
@@ -115,7 +116,7 @@ class _GroupVJP:
                     for j in range(ncap)]
             self.shared = shared
             in_dims = (0, *[None if s else 0 for s in shared])
-            batched_template = torch.func.vmap(template, in_dims=in_dims)
+            batched_template = torch.func.vmap(vmappable(template), in_dims=in_dims)
             X = torch.stack([xs[l] for l in self.members])           # (n, *x.shape)
 
             def f(X, *diff_caps):

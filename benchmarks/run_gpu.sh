@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One shot on a lent GPU machine (torch preinstalled, no network), from the repo root:
+#     bash benchmarks/run_gpu.sh            # results under $OUT if set, else benchmarks/results
+# Whole run < 8 min: 330 s of compiling shared by the two models, then a hard stop at 450 s
+# (the JSON is written after each model, so a stop in the second keeps the first).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$(command -v python || command -v python3)}
+DEST=${OUT:-benchmarks/results}
+mkdir -p "$DEST"
+
+# no network: no index, no build isolation, no dependencies (torch is there already)
+"$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation -e . \
+    || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$DEST/gpu.txt"
+
+timeout -k 10 450 "$PY" benchmarks/bench_step.py --device cuda --budget 330 \
+    --out "$DEST/bench_step_cuda.json" 2>&1 | tee "$DEST/bench_step_cuda.log"
+echo "exit ${PIPESTATUS[0]}"

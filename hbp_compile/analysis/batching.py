@@ -1,0 +1,88 @@
+"""Can a group's VJP run as one vmapped computation? Decide by tracing it, not by op lists.
+
+vmap has no batching rule for some ops; it then silently loops over the batch (its "fallback"),
+which inside a traced graph means one copy of the op per block: not batched at all. Tracing the
+group's batched VJP at two batch sizes shows it: an op whose count grows with the batch size
+was looped.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+# Ops whose batching rules fall short inside a vmapped VJP: native_layer_norm's specialises a
+# symbolic batch size (a recompile per batch size under dynamic=True); batch norm's functional
+# form and the fused CPU attention kernel have none. Batched templates run their
+# decompositions; Inductor decomposes them anyway, so only the eager path pays for it.
+VMAP_DECOMPOSED = (
+    torch.ops.aten.native_layer_norm.default,
+    torch.ops.aten.native_group_norm.default,
+    torch.ops.aten._native_batch_norm_legit_functional.default,
+    torch.ops.aten._native_batch_norm_legit_no_training.default,
+    torch.ops.aten._native_batch_norm_legit.no_stats,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+)
+
+
+def vmappable(template: fx.GraphModule):
+    """`template` as a callable that runs VMAP_DECOMPOSED ops through their decompositions."""
+    from torch._decomp import get_decompositions
+
+    decompositions = get_decompositions(list(VMAP_DECOMPOSED))
+
+    class Decomposing(fx.Interpreter):
+        def call_function(self, target, args, kwargs):
+            fn = decompositions.get(target)
+            if fn is not None:
+                return fn(*args, **kwargs)
+            return super().call_function(target, args, kwargs)
+
+    def run(*args):
+        return Decomposing(template).run(*args)
+
+    return run
+
+
+def _traced_op_counts(gm: fx.GraphModule, vals, shared, n: int) -> collections.Counter:
+    """Op counts of the traced VJP of vmap(template) over n stacked copies of the inputs."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    args, in_dims = [], []
+    for j, v in enumerate(vals):
+        stacked = isinstance(v, torch.Tensor) and (j == 0 or not shared[j - 1])
+        args.append(v.new_empty((n, *v.shape)) if stacked else v)
+        in_dims.append(0 if stacked else None)
+    batched = torch.func.vmap(vmappable(gm), in_dims=tuple(in_dims))
+
+    def vjp(x):
+        outs, fn = torch.func.vjp(lambda x: batched(x, *args[1:]), x)
+        return fn(tuple(torch.ones_like(o) for o in outs))
+
+    traced = make_fx(vjp)(args[0])
+    return collections.Counter(n.target for n in traced.graph.nodes if n.op == "call_function")
+
+
+def batching_problem(group) -> Optional[str]:
+    """Why this group's VJP cannot be one batched computation, or None if it can."""
+    from torch._guards import detect_fake_mode
+
+    gm = group.template.gm
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    if fake_mode is None:
+        return "no fake tensors to trace the batched VJP with"
+    try:
+        with fake_mode:
+            two = _traced_op_counts(gm, vals, group.shared, 2)
+            three = _traced_op_counts(gm, vals, group.shared, 3)
+    except Exception as e:                          # noqa: BLE001 - becomes the report's reason
+        return f"vmap failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    grown = [t for t in three if three[t] > two[t]]
+    ops = {n.target for n in gm.graph.nodes if isinstance(n.target, torch._ops.OpOverload)}
+    looped = sorted(str(t) for t in grown if t in ops) or sorted(str(t) for t in grown)
+    if looped:
+        return f"no batching rule for {', '.join(looped[:3])} (vmap would loop over the blocks)"
+    return None

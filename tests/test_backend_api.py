@@ -1,0 +1,127 @@
+"""The user-facing surface: option validation, backend="hbp", strict mode, dumps, fallbacks."""
+import json
+import zlib
+
+import pytest
+import torch
+import torch.nn as nn
+
+import hbp_compile
+from hbp_compile import HBPError, hbp_backend
+from helpers import compiled, exact, max_rel_err, worst_param
+from models import MLPBlock, ResMLP
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(iters=-1), dict(iters=1.5), dict(iters=True), dict(iters="3"),
+    dict(iters=2, gamma=-0.1), dict(iters=2, gamma=1.5), dict(iters=2, gamma="0.2"),
+    dict(iters=2, codegen="triton"), dict(iters=2, strict="yes"),
+])
+def test_bad_options_raise_value_error(kwargs):
+    with pytest.raises(ValueError):
+        hbp_backend(**kwargs)
+
+
+def test_good_options_and_cache_key():
+    a, b = hbp_backend(iters=2), hbp_backend(iters=3)
+    assert a.config.cache_key() != b.config.cache_key()
+    assert hbp_backend(iters=2, gamma=1).config.gamma == 1.0
+    assert hbp_backend(iters=2, dump_dir="/tmp/x").config.cache_key() == a.config.cache_key()
+
+
+def test_string_backend_through_entry_point():
+    """torch.compile(m, backend="hbp", options={...}) resolves our entry point."""
+    torch.manual_seed(1)
+    model = ResMLP(n_blocks=4).double()
+    (x,) = model.example_inputs(3)
+    _, want = exact(model, (x,))
+    cm = torch.compile(model, backend="hbp", options={"iters": 4, "codegen": "eager"})
+    cm(x).backward()
+    got = {n: p.grad for n, p in model.named_parameters()}
+    want.pop("input.0")
+    assert max_rel_err(got, want) < 1e-10
+    report = hbp_compile.string_backend(iters=4, codegen="eager").reports[-1]
+    assert [s.length for s in report.streams] == [4]
+
+
+class NoisyBlocks(nn.Module):
+    """A block that draws noise shaped like the stream: the backward could not replay it."""
+
+    def __init__(self, n=4, d=8):
+        super().__init__()
+        self.blocks = nn.ModuleList(MLPBlock(d, 16) for _ in range(n))
+
+    def forward(self, x):
+        for i, blk in enumerate(self.blocks):
+            z = blk(x)
+            if i == 2:
+                z = z * torch.rand_like(z)
+            x = x + z
+        return x.pow(2).mean()
+
+
+def test_unsupported_block_splits_stream_and_reports_why():
+    """A random op inside block 2: the stream is cut there, block 2 runs exact backprop."""
+    torch.manual_seed(2)
+    model = NoisyBlocks().double()
+    x = torch.randn(3, 8, dtype=torch.double)
+    _, _, backend = compiled(model, (x,), 1)
+    (report,) = backend.reports
+    assert [s.length for s in report.streams] == [2, 1]
+    (skip,) = report.skipped
+    assert "random op" in skip.reason and "block 2" in skip.reason
+    assert report.coverage == pytest.approx(3 / 4)
+    assert "not rewritten" in str(report)
+
+
+def test_unsupported_block_is_exact_at_iters_ge_segment_length():
+    torch.manual_seed(3)
+    model = NoisyBlocks().double()
+    x = torch.randn(3, 8, dtype=torch.double)
+    torch.manual_seed(10)
+    _, want = exact(model, (x,))
+    torch.manual_seed(10)
+    _, got, _ = compiled(model, (x,), 2)
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+
+
+def test_strict_raises_naming_node_and_reason():
+    model = NoisyBlocks().double()
+    x = torch.randn(3, 8, dtype=torch.double)
+    cm = torch.compile(model, backend=hbp_backend(iters=1, codegen="eager", strict=True))
+    with pytest.raises(Exception, match=r"%add_\d+.*random op"):
+        cm(x)
+
+
+def test_dump_dir_writes_graphs_and_report(tmp_path):
+    torch.manual_seed(4)
+    model = ResMLP(n_blocks=3).double()
+    (x,) = model.example_inputs(2)
+    compiled(model, (x,), 1, dump_dir=str(tmp_path))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    for part in ("captured", "rewritten", "forward", "backward"):
+        assert f"graph_0_{part}.py" in names
+    assert "hbp_stream_0_0" in (tmp_path / "graph_0_rewritten.py").read_text()
+    assert "def forward" in (tmp_path / "graph_0_backward.py").read_text()
+    data = json.loads((tmp_path / "graph_0_report.json").read_text())
+    assert data["streams"][0]["length"] == 3 and data["coverage"] == 1.0
+    assert "L=3" in (tmp_path / "graph_0_report.txt").read_text()
+
+
+def test_failure_during_compile_falls_back_with_reason(monkeypatch):
+    """If compiling the rewritten graph fails, the graph runs exact backprop and says why."""
+    from hbp_compile.rewrite import highway_stream
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(highway_stream.HighwayStream, "backward", staticmethod(broken))
+    torch.manual_seed(5)
+    model = ResMLP(n_blocks=3).double()
+    (x,) = model.example_inputs(2)
+    _, want = exact(model, (x,))
+    _, got, backend = compiled(model, (x,), 1)
+    (report,) = backend.reports
+    assert "injected failure" in report.fallback_reason and not report.rewritten
+    assert "exact backprop (fallback" in str(report)
+    assert max_rel_err(got, want) == 0.0

@@ -1,0 +1,158 @@
+"""What a torch.compile user does beyond one forward/backward: dynamic shapes, compiled
+autograd, BatchNorm buffers, graph breaks, tied weights, inference, caches."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from helpers import compiled, exact, max_rel_err, oracle, worst_param
+from hbp_compile import hbp_backend
+from models import GPT, ResMLP
+
+
+def test_dynamic_shapes_one_graph_two_batch_sizes():
+    torch.manual_seed(0)
+    model = ResMLP(n_blocks=5).double()
+    backend = hbp_backend(iters=2, codegen="eager")
+    cm = torch.compile(copy.deepcopy(model), backend=backend, dynamic=True)
+    for batch in (3, 7):
+        (x,) = model.example_inputs(batch)
+        _, want = oracle(model, (x,), 2)
+        cm.zero_grad()
+        xx = x.clone().requires_grad_(True)
+        cm(xx).backward()
+        got = {f"{n}": p.grad for n, p in cm.named_parameters()}
+        got = {n.replace("_orig_mod.", ""): g for n, g in got.items()}
+        got["input.0"] = xx.grad
+        assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+    assert len(backend.reports) == 1                      # one symbolic graph served both
+    assert "s" in backend.reports[0].streams[0].groups[0].summary   # a symbolic batch size
+
+
+def test_compiled_autograd_runs_the_highway_backward():
+    """Compiled autograd retraces AOTAutograd's backward graph, which holds the rewrite."""
+    torch.manual_seed(1)
+    model = ResMLP(n_blocks=6).double()
+    inputs = model.example_inputs(3)
+    _, want = oracle(model, inputs, 2)
+    with torch._dynamo.config.patch(compiled_autograd=True):
+        _, got, _ = compiled(model, inputs, 2)
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+
+
+class BNResNet(nn.Module):
+    """Pre-activation-style residual blocks with BatchNorm in train mode."""
+
+    def __init__(self, n=4, d=8):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm1d(d), nn.ReLU(), nn.Linear(d, d)) for _ in range(n))
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = x + blk(x)
+        return x.pow(2).mean()
+
+    def stream_view(self, x):
+        return [(x, list(self.blocks))], lambda states: states[0][-1].pow(2).mean()
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_batchnorm_buffers_identical_and_grads_right(k):
+    torch.manual_seed(2)
+    model = BNResNet().double()
+    x = torch.randn(6, 8, dtype=torch.double)
+    ref = copy.deepcopy(model)
+    _, want = exact(ref, (x,)) if k >= 4 else oracle(ref, (x,), k)
+    m = copy.deepcopy(model)
+    backend = hbp_backend(iters=k, codegen="eager")
+    loss = torch.compile(m, backend=backend)(x.clone().requires_grad_(True))
+    loss.backward()
+    exact_model = copy.deepcopy(model)
+    exact_model(x)                                   # one eager forward updates its buffers
+    for (name, b), b_ref in zip(m.named_buffers(), exact_model.buffers()):
+        assert torch.equal(b, b_ref), name
+        assert b.grad_fn is None, name
+    got = {n: p.grad for n, p in m.named_parameters()}
+    want.pop("input.0")
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+    assert backend.reports[0].streams[0].length == 4
+
+
+class BreakMLP(ResMLP):
+    """A graph break between two halves of the stream: Dynamo hands over two graphs."""
+
+    def forward(self, x):
+        for blk in self.blocks[:3]:
+            x = x + blk(x)
+        torch._dynamo.graph_break()
+        for blk in self.blocks[3:]:
+            x = x + blk(x)
+        return self._loss(x)
+
+
+class BreakInLoopMLP(ResMLP):
+    """A graph break inside the layer loop: Dynamo runs the loop eagerly, nothing to rewrite."""
+
+    def forward(self, x):
+        for i, blk in enumerate(self.blocks):
+            if i == 3:
+                torch._dynamo.graph_break()
+            x = x + blk(x)
+        return self._loss(x)
+
+
+def test_graph_break_in_loop_is_reported_not_hidden():
+    torch.manual_seed(6)
+    model = BreakInLoopMLP(n_blocks=5).double()
+    inputs = model.example_inputs(3)
+    _, want = exact(model, inputs)
+    _, got, backend = compiled(model, inputs, 1)
+    assert all(r.streams == [] for r in backend.reports)
+    assert all("no residual stream found" in str(r) for r in backend.reports)
+    assert max_rel_err(got, want) == 0.0
+
+
+def test_graph_break_each_graph_is_its_own_stream():
+    torch.manual_seed(3)
+    model = BreakMLP(n_blocks=7).double()
+    inputs = model.example_inputs(3)
+    _, want = exact(model, inputs)
+    _, got, backend = compiled(model, inputs, 4)     # 4 >= both segments (3 and 4 blocks)
+    lengths = sorted(s.length for r in backend.reports for s in r.streams)
+    assert lengths == [3, 4]
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+
+
+def test_inference_under_no_grad_matches_exact():
+    torch.manual_seed(4)
+    model = GPT(n_layer=2).double()
+    inputs = model.example_inputs(2)
+    with torch.no_grad():
+        want = model(*inputs)
+        got = torch.compile(model, backend=hbp_backend(iters=1, codegen="eager"))(*inputs)
+    assert torch.equal(got, want)
+
+
+def test_second_step_reuses_the_compiled_graph():
+    """Two training steps with an optimizer: one compile, the second step's grads still right."""
+    torch.manual_seed(5)
+    model = ResMLP(n_blocks=4).double()
+    ref = copy.deepcopy(model)
+    backend = hbp_backend(iters=1, codegen="eager")
+    cm = torch.compile(model, backend=backend)
+    opt, opt_ref = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, ref))
+    for step in range(2):
+        (x,) = model.example_inputs(3)
+        _, want = oracle(ref, (x,), 1)
+        for p, (n, g) in zip(ref.parameters(), ((n, g) for n, g in want.items() if n != "input.0")):
+            p.grad = g.clone()
+        opt.zero_grad()
+        cm(x).backward()
+        got = {n: p.grad for n, p in model.named_parameters()}
+        want.pop("input.0")
+        assert max_rel_err(got, want) < 1e-10, (step, worst_param(got, want))
+        opt.step()
+        opt_ref.step()
+    assert len(backend.reports) == 1
