@@ -203,7 +203,7 @@ def bench_model(name, case, args, dev, sync, log, budget):
     for vname, ts in times.items():
         q = statistics.quantiles(ts, n=10) if len(ts) > 1 else ts * 9
         med = statistics.median(ts)
-        res[vname].update(median_ms=med, p10_ms=q[0], p90_ms=q[-1],
+        res[vname].update(median_ms=med, p10_ms=q[0], p90_ms=q[-1], times_ms=ts,
                           ratio_vs_exact=med / exact if exact else None)
     return dict(desc=case.desc, params=sum(p.numel() for p in base.parameters()),
                 variants=res)

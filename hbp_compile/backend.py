@@ -21,6 +21,13 @@ from .rewrite.replace import build_spec, replace_stream
 log = logging.getLogger("hbp_compile")
 
 
+def _count(name: str, n: int = 1) -> None:
+    """Bump counters["hbp_compile"][name] (torch._dynamo.utils.counters, like Inductor's)."""
+    from torch._dynamo.utils import counters
+
+    counters["hbp_compile"][name] += n
+
+
 class HBPError(RuntimeError):
     """Raised in strict mode where the pass would otherwise fall back to exact backprop."""
 
@@ -86,6 +93,7 @@ class HBPBackend:
         if self.config.strict:
             raise HBPError(reason) from exc
         report.fallback_reason = reason
+        _count("fallbacks")
         report.graphs.pop("forward", None), report.graphs.pop("backward", None)
         log.warning("hbp_compile graph %d: %s; exact backprop", report.index, reason)
 
@@ -95,6 +103,7 @@ class HBPBackend:
             counts = count_block_vjps(g)
             for s in report.streams:
                 s.vjps_per_round = counts.get(s.name, {})
+                _count("block_vjps", sum(s.vjps_per_round.values()))
             self._dump(report)
 
     def _rewrite(self, gm: fx.GraphModule, example_inputs, report: GraphReport):
@@ -116,6 +125,10 @@ class HBPBackend:
                                     cfg.iters, cfg.gamma)
             replace_stream(agm.graph, spec, seg.blocks, caps, renamed)
             report.streams.append(_stream_report(name, seg, spec, batched, reasons))
+            _count("streams_rewritten")
+            _count("blocks_rewritten", len(seg.blocks))
+            _count("groups_batched", sum(batched))
+            _count("groups_unbatched", len(batched) - sum(batched))
         _stable_topological_sort(agm.graph)    # readers of x_l may precede the new call
         agm.graph.eliminate_dead_code()
         agm.graph.lint()

@@ -1,0 +1,136 @@
+"""Batched rounds: one VJP per group of identical blocks per round, same gradients as unbatched."""
+import pytest
+import torch
+import torch.nn as nn
+from torch._dynamo.utils import counters
+
+from helpers import compiled, exact, max_rel_err, oracle, worst_param
+from models import GPT, MLPBlock, ResMLP
+
+
+class Alternating(nn.Module):
+    """A stream whose blocks alternate between two structures (hidden width 24 and 40)."""
+
+    def __init__(self, d=16, n_blocks=6):
+        super().__init__()
+        self.d = d
+        self.blocks = nn.ModuleList(MLPBlock(d, 24 if l % 2 == 0 else 40) for l in range(n_blocks))
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = x + blk(x)
+        return x.tanh().pow(2).mean()
+
+    def stream_view(self, x):
+        return [(x, list(self.blocks))], lambda states: states[0][-1].tanh().pow(2).mean()
+
+    def example_inputs(self, batch_size=3):
+        return (torch.randn(batch_size, self.d, dtype=torch.float64),)
+
+
+class TiedSteps(nn.Module):
+    """One block applied at every step (an RNN-like stream): its weights are shared captures."""
+
+    def __init__(self, d=16, steps=5):
+        super().__init__()
+        self.d, self.steps = d, steps
+        self.cell = MLPBlock(d, 24)
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, x):
+        for _ in range(self.steps):
+            x = x + self.cell(x)
+        return self.head(x).pow(2).mean()
+
+    def stream_view(self, x):
+        return [(x, [self.cell] * self.steps)], lambda st: self.head(st[0][-1]).pow(2).mean()
+
+    def example_inputs(self, batch_size=3):
+        return (torch.randn(batch_size, self.d, dtype=torch.float64),)
+
+
+MODELS = {
+    "resmlp": lambda: ResMLP(n_blocks=6).double(),
+    "gpt": lambda: GPT(n_layer=3).double(),
+    "alternating": lambda: Alternating().double(),
+    "tied": lambda: TiedSteps().double(),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("k", [1, 3])
+def test_batched_equals_unbatched_equals_oracle(name, k):
+    torch.manual_seed(len(name) * 10 + k)
+    model = MODELS[name]()
+    inputs = model.example_inputs(3)
+    _, want = oracle(model, inputs, k)
+    _, batched, b_backend = compiled(model, inputs, k, batched=True)
+    torch._dynamo.reset()
+    _, unbatched, u_backend = compiled(model, inputs, k, batched=False)
+    assert max_rel_err(batched, want) < 1e-10, worst_param(batched, want)
+    assert max_rel_err(unbatched, want) < 1e-10, worst_param(unbatched, want)
+    (b_stream,), (u_stream,) = b_backend.reports[0].streams, u_backend.reports[0].streams
+    assert all(g.batched for g in b_stream.groups)
+    assert not any(g.batched for g in u_stream.groups)
+    # from the backward graph: per round, one VJP per group batched, one per block unbatched
+    rounds = [str(r) for r in range(1, k + 1)] + ["final"]
+    assert b_stream.vjps_per_round == {r: len(b_stream.groups) for r in rounds}
+    assert u_stream.vjps_per_round == {r: u_stream.length for r in rounds}
+
+
+def test_groups_by_structure():
+    torch.manual_seed(1)
+    for name, members in [("alternating", [[0, 2, 4], [1, 3, 5]]), ("gpt", [[0, 2, 4], [1, 3, 5]]),
+                          ("resmlp", [[0, 1, 2, 3, 4, 5]]), ("tied", [[0, 1, 2, 3, 4]])]:
+        torch._dynamo.reset()
+        model = MODELS[name]()
+        _, _, backend = compiled(model, model.example_inputs(2), 1)
+        groups = backend.reports[0].streams[0].groups
+        assert [g.members for g in groups] == members, name
+    # the tied stream's block weights are captured once for all steps
+    assert groups[0].shared_captures == 6        # LayerNorm w, b; fc1 w, b; fc2 w, b
+
+
+def test_tied_weights_get_the_sum_over_steps_exact_at_L():
+    torch.manual_seed(2)
+    model = MODELS["tied"]()
+    inputs = model.example_inputs(3)
+    _, want = exact(model, inputs)
+    _, got, _ = compiled(model, inputs, 5)
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+
+
+def test_single_block_groups_run_unbatched_and_say_why():
+    torch.manual_seed(3)
+    model = Alternating(n_blocks=3).double()      # groups [0, 2] and [1]
+    _, _, backend = compiled(model, model.example_inputs(2), 1)
+    g0, g1 = backend.reports[0].streams[0].groups
+    assert g0.batched and not g1.batched and g1.reason == "a single block"
+    assert "unbatched (a single block)" in str(backend.reports[0])
+
+
+def test_ops_without_batching_rule_run_unbatched(monkeypatch):
+    """Traced at two batch sizes, an op vmap would loop over is found and named."""
+    import hbp_compile.analysis.batching as batching
+    from test_robustness import BNResNet
+
+    monkeypatch.setattr(batching, "VMAP_DECOMPOSED", ())       # no decomposition: no rule
+    torch.manual_seed(4)
+    model = BNResNet().double()
+    x = torch.randn(5, 8, dtype=torch.double)
+    _, want = oracle(model, (x,), 2)
+    _, got, backend = compiled(model, (x,), 2)
+    (group,) = backend.reports[0].streams[0].groups
+    assert not group.batched and "_native_batch_norm_legit_functional" in group.reason
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+
+
+def test_counters():
+    counters.clear()
+    torch.manual_seed(5)
+    model = GPT(n_layer=2).double()
+    compiled(model, model.example_inputs(2), 2)
+    c = counters["hbp_compile"]
+    assert c["streams_rewritten"] == 1 and c["blocks_rewritten"] == 4
+    assert c["groups_batched"] == 2 and c["groups_unbatched"] == 0
+    assert c["block_vjps"] == 2 * 3                                 # 2 groups x (2 rounds + final)
