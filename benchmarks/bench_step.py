@@ -5,6 +5,8 @@
 
 Every variant compiles its own deepcopy of one initial model. Steps are timed interleaved (one
 step of each variant per round), so clock and thermal drift hit all variants alike.
+On a shared CPU set OMP_NUM_THREADS to the idle cores: OpenMP threads contending for a busy
+core make a step hundreds of times slower.
 """
 import argparse
 import copy

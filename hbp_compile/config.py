@@ -18,7 +18,7 @@ class HBPConfig:
     codegen: str = "inductor"       # "inductor" or "eager" (aot_autograd, no codegen)
     strict: bool = False            # raise instead of falling back to exact backprop
     batched: bool = True            # one VJP per group of identical blocks per round
-    min_length: int = 1             # shortest stream worth rewriting
+    min_length: int = 2             # shortest stream to rewrite (a lone add is often no residual)
     dump_dir: Optional[str] = None  # where to write graphs and reports (not in the cache key)
 
     def __post_init__(self):

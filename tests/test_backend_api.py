@@ -63,15 +63,30 @@ class NoisyBlocks(nn.Module):
 def test_unsupported_block_splits_stream_and_reports_why():
     """A random op inside block 2: the stream is cut there, block 2 runs exact backprop."""
     torch.manual_seed(2)
+    model = NoisyBlocks(n=6).double()
+    x = torch.randn(3, 8, dtype=torch.double)
+    _, _, backend = compiled(model, (x,), 1)
+    (report,) = backend.reports
+    assert [s.length for s in report.streams] == [2, 3]
+    (skip,) = report.skipped
+    assert "random op" in skip.reason and "block 2" in skip.reason
+    assert report.coverage == pytest.approx(5 / 6)
+    assert "not rewritten" in str(report)
+
+
+def test_lone_block_left_to_exact_backprop_by_default():
+    """A segment of one block (NoisyBlocks(4): blocks 0-1, [2 cut], 3) stays exact; min_length=1
+    rewrites it."""
+    torch.manual_seed(2)
     model = NoisyBlocks().double()
     x = torch.randn(3, 8, dtype=torch.double)
     _, _, backend = compiled(model, (x,), 1)
     (report,) = backend.reports
-    assert [s.length for s in report.streams] == [2, 1]
-    (skip,) = report.skipped
-    assert "random op" in skip.reason and "block 2" in skip.reason
-    assert report.coverage == pytest.approx(3 / 4)
-    assert "not rewritten" in str(report)
+    assert [s.length for s in report.streams] == [2]
+    assert any("shorter than min_length=2" in s.reason for s in report.skipped)
+    torch._dynamo.reset()
+    _, _, backend = compiled(model, (x,), 1, min_length=1)
+    assert [s.length for s in backend.reports[0].streams] == [2, 1]
 
 
 def test_unsupported_block_is_exact_at_iters_ge_segment_length():
