@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from .analysis.plan import Segment, plan_streams
-from .capture import functional_aten_graph
+from .capture import functional_aten_graph, joint_graph
 from .codegen import compile_graph, count_block_vjps
 from .config import HBPConfig
 from .report import BlockReport, GraphReport, GroupReport, SkipReport, StreamReport
@@ -70,7 +70,8 @@ class HBPBackend:
         if rewritten is not None:
             try:
                 compiled = compile_graph(rewritten, example_inputs, cfg.codegen,
-                                         lambda name, g: self._on_graph(report, name, g))
+                                         lambda name, g: self._on_graph(report, name, g),
+                                         cfg.cache_key())
             except _PASS_THROUGH:
                 self.reports.remove(report)
                 raise
@@ -79,7 +80,8 @@ class HBPBackend:
                                         f"{type(e).__name__}: {e}", e)
         if compiled is None:
             compiled = compile_graph(gm, example_inputs, cfg.codegen,
-                                     lambda name, g: self._on_graph(report, name, g))
+                                     lambda name, g: self._on_graph(report, name, g),
+                                     cfg.cache_key())
         log.info("%s", report)
         self._dump(report)
         return compiled
@@ -94,7 +96,8 @@ class HBPBackend:
             raise HBPError(reason) from exc
         report.fallback_reason = reason
         _count("fallbacks")
-        report.graphs.pop("forward", None), report.graphs.pop("backward", None)
+        for name in ("joint", "forward", "backward"):
+            report.graphs.pop(name, None)
         log.warning("hbp_compile graph %d: %s; exact backprop", report.index, reason)
 
     def _on_graph(self, report: GraphReport, name: str, g: fx.GraphModule) -> None:
@@ -111,6 +114,8 @@ class HBPBackend:
         cfg = self.config
         agm = functional_aten_graph(gm, example_inputs)
         report.graphs["captured"] = agm.print_readable(print_output=False)
+        if cfg.dump_dir is not None:
+            report.graphs["joint_original"] = _try(joint_graph, agm, example_inputs)
         segments, skips, report.residual_steps = plan_streams(agm.graph, cfg.min_length)
         report.skipped = [SkipReport(s.node, s.reason) for s in skips]
         if cfg.strict and skips:
@@ -146,6 +151,14 @@ class HBPBackend:
         if reason is not None and self.config.strict:
             raise HBPError(f"group of {group.size} blocks cannot be batched: {reason}")
         return reason is None, reason or ""
+
+
+def _try(fn, *args):
+    """fn(*args), or the error as text: a dump must never break a compile."""
+    try:
+        return fn(*args)
+    except Exception as e:                          # noqa: BLE001
+        return f"# could not trace: {type(e).__name__}: {e}"
 
 
 def _stable_topological_sort(graph: fx.Graph) -> None:

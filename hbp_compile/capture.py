@@ -94,3 +94,29 @@ def functional_aten_graph(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     agm.graph.eliminate_dead_code()
     agm.recompile()
     return agm
+
+
+def joint_graph(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
+    """The joint forward+backward aten graph of `gm` under exact backprop (for dumps).
+
+    Outputs are the forward outputs followed by the gradients of every input that requires one,
+    for cotangents of ones: the graph a reader compares the rewritten backward with.
+    """
+    fake_mode = _backend_fake_mode(example_inputs)
+    with fake_mode:
+        fakes = [_fakify(fake_mode, t) for t in example_inputs]
+    wants_grad = [isinstance(t, torch.Tensor) and t.requires_grad for t in fakes]
+
+    def joint(*args):
+        primals = [a.detach().requires_grad_(True) if w else a for a, w in zip(args, wants_grad)]
+        with torch.enable_grad():
+            outs = fx.Interpreter(gm).run(*primals)
+        flat = [o for o in torch.utils._pytree.tree_leaves(outs)
+                if isinstance(o, torch.Tensor) and o.requires_grad]
+        inputs = [p for p, w in zip(primals, wants_grad) if w]
+        grads = torch.autograd.grad(flat, inputs, [torch.ones_like(o) for o in flat],
+                                    allow_unused=True) if flat and inputs else ()
+        return outs, grads
+
+    with fake_mode, torch.fx.traceback.preserve_node_meta():
+        return make_fx(joint)(*fakes)

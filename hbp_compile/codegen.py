@@ -13,7 +13,31 @@ import torch.fx as fx
 OnGraph = Callable[[str, fx.GraphModule], None]
 
 
-def compile_inductor(gm: fx.GraphModule, example_inputs, on_graph: OnGraph):
+def _joint_pass(cache_key: str, on_graph: OnGraph):
+    """A joint-graph pass that records the joint graph and puts our options in Inductor's key.
+
+    The rewritten graphs already differ whenever an option does, so a cache hit is safe by
+    content; the uuid makes that explicit (and survives any future canonicalisation).
+    """
+    from torch._inductor import config as inductor_config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    previous = inductor_config.joint_custom_post_pass
+
+    class RecordJoint(CustomGraphPass):
+        def __call__(self, graph):
+            if previous is not None:
+                previous(graph)
+            on_graph("joint", graph.owning_module or graph)
+
+        def uuid(self):
+            before = previous.uuid() if previous is not None else None
+            return f"hbp_compile:{cache_key}:{before}"
+
+    return RecordJoint()
+
+
+def compile_inductor(gm: fx.GraphModule, example_inputs, on_graph: OnGraph, cache_key: str):
     """compile_fx with an inner compiler that records each partitioned graph first."""
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
@@ -21,10 +45,11 @@ def compile_inductor(gm: fx.GraphModule, example_inputs, on_graph: OnGraph):
         on_graph("backward" if kwargs.get("is_backward") else "forward", g)
         return compile_fx_inner(g, inputs, **kwargs)
 
-    return compile_fx(gm, example_inputs, inner_compile=inner_compile)
+    patches = {"joint_custom_post_pass": _joint_pass(cache_key, on_graph)}
+    return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
 
 
-def compile_eager(gm: fx.GraphModule, example_inputs, on_graph: OnGraph):
+def compile_eager(gm: fx.GraphModule, example_inputs, on_graph: OnGraph, cache_key: str):
     """AOTAutograd with boxed eager compilers: the same graphs, run without codegen."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
@@ -35,16 +60,19 @@ def compile_eager(gm: fx.GraphModule, example_inputs, on_graph: OnGraph):
             return make_boxed_func(g.forward)
         return compiler
 
+    def partition(joint, joint_inputs, **kwargs):
+        on_graph("joint", joint)
+        return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+
     backend = aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"),
-                           inference_compiler=recorder("inference"),
-                           partition_fn=min_cut_rematerialization_partition)
+                           inference_compiler=recorder("inference"), partition_fn=partition)
     return backend(gm, example_inputs)
 
 
-def compile_graph(gm, example_inputs, codegen: str, on_graph: OnGraph):
+def compile_graph(gm, example_inputs, codegen: str, on_graph: OnGraph, cache_key: str):
     """Compile with the configured code generator."""
     compile_fn = compile_inductor if codegen == "inductor" else compile_eager
-    return compile_fn(gm, example_inputs, on_graph)
+    return compile_fn(gm, example_inputs, on_graph, cache_key)
 
 
 def count_block_vjps(bw: fx.GraphModule) -> dict[str, dict[str, int]]:

@@ -114,7 +114,7 @@ def test_dump_dir_writes_graphs_and_report(tmp_path):
     (x,) = model.example_inputs(2)
     compiled(model, (x,), 1, dump_dir=str(tmp_path))
     names = sorted(p.name for p in tmp_path.iterdir())
-    for part in ("captured", "rewritten", "forward", "backward"):
+    for part in ("captured", "joint_original", "rewritten", "joint", "forward", "backward"):
         assert f"graph_0_{part}.py" in names
     assert "hbp_stream_0_0" in (tmp_path / "graph_0_rewritten.py").read_text()
     assert "def forward" in (tmp_path / "graph_0_backward.py").read_text()
