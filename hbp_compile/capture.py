@@ -72,6 +72,34 @@ def _capture_decompositions():
     return {torch.ops.aten.native_batch_norm.default: _functional_batch_norm}
 
 
+def _functionalized(gm: fx.GraphModule):
+    """Run `gm` under Python functionalization; input mutations become a final copy_.
+
+    The Python FunctionalTensorMode (what AOTAutograd and export use) keeps symbolic sizes
+    symbolic; torch.func.functionalize's C++ wrapper reads sizes through aten.size, which fake
+    tensors answer with ints, specialising every dynamic dimension a view mentions.
+    """
+    from torch._functorch._aot_autograd.functional_utils import (
+        from_fun, has_data_mutation, sync_functional_tensor, to_fun)
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    def run(*args):
+        written = []
+        with FunctionalTensorMode():
+            fargs = [to_fun(a) for a in args]
+            outs = fx.Interpreter(gm).run(*fargs)
+            outs = torch.utils._pytree.tree_map(from_fun, outs)
+            for a, fa in zip(args, fargs):
+                if isinstance(a, torch.Tensor) and has_data_mutation(fa):
+                    sync_functional_tensor(fa)
+                    written.append((a, from_fun(fa)))
+        for a, new in written:                       # outside the mode: recorded as copy_
+            a.copy_(new)
+        return outs
+
+    return run
+
+
 def functional_aten_graph(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     """Trace `gm` to a functional aten graph (no mutations, no views of inputs) under fake mode."""
     fake_mode = _backend_fake_mode(example_inputs)
@@ -86,10 +114,7 @@ def functional_aten_graph(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
         if isinstance(fake, torch.Tensor) and getattr(ev, "item_memo", None) is not None:
             fake.item_memo = ev.item_memo
     with fake_mode, torch.no_grad(), torch.fx.traceback.preserve_node_meta():
-        agm = make_fx(
-            torch.func.functionalize(fx.Interpreter(gm).run, remove="mutations"),
-            decomposition_table=_capture_decompositions(),
-        )(*fakes)
+        agm = make_fx(_functionalized(gm), decomposition_table=_capture_decompositions())(*fakes)
     # Multi-output ops leave unused getitems behind; they would break the block closure check.
     agm.graph.eliminate_dead_code()
     agm.recompile()

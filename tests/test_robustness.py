@@ -11,23 +11,51 @@ from hbp_compile import hbp_backend
 from models import GPT, ResMLP
 
 
-def test_dynamic_shapes_one_graph_two_batch_sizes():
+@pytest.mark.parametrize("factory", [lambda: ResMLP(n_blocks=5), lambda: GPT(n_layer=2)],
+                         ids=["resmlp", "gpt"])
+def test_dynamic_shapes_one_graph_two_batch_sizes(factory):
+    """dynamic=True: the rewrite keeps the batch size symbolic (no recompile per size)."""
     torch.manual_seed(0)
-    model = ResMLP(n_blocks=5).double()
+    model = factory().double()
     backend = hbp_backend(iters=2, codegen="eager")
     cm = torch.compile(copy.deepcopy(model), backend=backend, dynamic=True)
     for batch in (3, 7):
-        (x,) = model.example_inputs(batch)
-        _, want = oracle(model, (x,), 2)
+        inputs = model.example_inputs(batch)
+        _, want = oracle(model, inputs, 2)
         cm.zero_grad()
-        xx = x.clone().requires_grad_(True)
-        cm(xx).backward()
-        got = {f"{n}": p.grad for n, p in cm.named_parameters()}
-        got = {n.replace("_orig_mod.", ""): g for n, g in got.items()}
-        got["input.0"] = xx.grad
+        xs = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
+        cm(*xs).backward()
+        got = {n.replace("_orig_mod.", ""): p.grad for n, p in cm.named_parameters()}
+        got.update({f"input.{i}": t.grad for i, t in enumerate(xs) if t.requires_grad})
         assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
     assert len(backend.reports) == 1                      # one symbolic graph served both
-    assert "s" in backend.reports[0].streams[0].groups[0].summary   # a symbolic batch size
+    assert all(g.batched for g in backend.reports[0].streams[0].groups)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_bf16_autocast(batched):
+    """An fp32 stream with bf16 blocks (the add promotes): found and exact at k = L.
+
+    Unbatched, the backward runs the same bf16 kernels as an exact compile: identical.
+    Batched, a round's matmuls are bmm over the blocks, which round differently in bf16:
+    equal to bf16 precision (eps 7.8e-3), not bitwise.
+    """
+    torch.manual_seed(7)
+    model = ResMLP(n_blocks=4)
+    (x,) = model.example_inputs(4)
+
+    def grads(backend):
+        m = copy.deepcopy(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.compile(m, backend=backend)(x).backward()
+        torch._dynamo.reset()
+        return {n: p.grad for n, p in m.named_parameters()}
+
+    want = grads("aot_eager")
+    backend = hbp_backend(iters=4, codegen="eager", batched=batched)
+    got = grads(backend)
+    assert [s.length for s in backend.reports[0].streams] == [4]
+    assert max_rel_err(got, want) < (2e-2 if batched else 1e-12), worst_param(got, want)
 
 
 def test_compiled_autograd_runs_the_highway_backward():
