@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from .backend import HBPBackend, HBPError
 from .config import HBPConfig
+from .explain import Explanation, explain
+from .fidelity import FidelityResult, calibrate_iters, fidelity
 from .report import GraphReport
 
-__all__ = ["hbp_backend", "HBPBackend", "HBPConfig", "HBPError", "GraphReport"]
+__all__ = ["hbp_backend", "HBPBackend", "HBPConfig", "HBPError", "GraphReport", "explain",
+           "Explanation", "fidelity", "FidelityResult", "calibrate_iters"]
 
 
 def hbp_backend(iters: int = 3, *, gamma: float = 0.0, codegen: str = "inductor",

@@ -5,20 +5,18 @@ with strict=True it raises HBPError instead.
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.fx as fx
 
+from .analysis.batching import batching_problem
 from .analysis.plan import Segment, plan_streams
 from .capture import functional_aten_graph, joint_graph
 from .codegen import compile_graph, count_block_vjps
 from .config import HBPConfig
+from .logs import enabled as log_enabled
+from .logs import log
 from .report import BlockReport, GraphReport, GroupReport, SkipReport, StreamReport
-from .analysis.batching import batching_problem
 from .rewrite.replace import build_spec, replace_stream
-
-log = logging.getLogger("hbp_compile")
 
 
 def _count(name: str, n: int = 1) -> None:
@@ -102,6 +100,8 @@ class HBPBackend:
 
     def _on_graph(self, report: GraphReport, name: str, g: fx.GraphModule) -> None:
         report.graphs[name] = g
+        if log_enabled("graphs") and name in ("forward", "backward"):
+            log.info("graph %d %s:\n%s", report.index, name, _readable(g))
         if name == "backward":         # compiled lazily, at the first backward call
             counts = count_block_vjps(g)
             for s in report.streams:
@@ -139,6 +139,8 @@ class HBPBackend:
         agm.graph.lint()
         agm.recompile()
         report.graphs["rewritten"] = agm.print_readable(print_output=False)
+        if log_enabled("graphs"):
+            log.info("graph %d rewritten:\n%s", report.index, report.graphs["rewritten"])
         return agm
 
     def _batching(self, group) -> tuple[bool, str]:
@@ -151,6 +153,10 @@ class HBPBackend:
         if reason is not None and self.config.strict:
             raise HBPError(f"group of {group.size} blocks cannot be batched: {reason}")
         return reason is None, reason or ""
+
+
+def _readable(g) -> str:
+    return g.print_readable(print_output=False) if isinstance(g, fx.GraphModule) else str(g)
 
 
 def _try(fn, *args):
