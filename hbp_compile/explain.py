@@ -80,16 +80,21 @@ def clone_args(args, kwargs):
 
 
 def explain(model: torch.nn.Module, *args, iters: int = 3, loss_fn=None, codegen: str = "eager",
-            **options) -> Explanation:
+            **kwargs) -> Explanation:
     """Compile a copy of `model` with hbp_backend, run one forward/backward, return the reports.
 
-    `options` are hbp_backend's (gamma, strict, dump_dir, batched, min_length); keyword inputs
-    of the model go in `inputs=dict(...)`.
+    Keyword arguments that name an hbp_backend option (gamma, strict, dump_dir, batched,
+    min_length) configure the pass; every other one is a keyword input of the model
+    (explain(hf_model, input_ids=ids, labels=ids)). `inputs=dict(...)` passes model inputs
+    whose names clash with an option.
     """
     from . import hbp_backend
     from torch._dynamo.utils import counters
 
-    inputs = options.pop("inputs", {})
+    option_names = {f.name for f in dataclasses.fields(HBPConfig)}
+    options = {k: v for k, v in kwargs.items() if k in option_names}
+    inputs = {k: v for k, v in kwargs.items() if k not in option_names and k != "inputs"}
+    inputs.update(kwargs.get("inputs", {}))
     backend = hbp_backend(iters=iters, codegen=codegen, **options)
     model = copy.deepcopy(model)
     args, inputs = clone_args(args, inputs)

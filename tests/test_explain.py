@@ -32,6 +32,14 @@ def test_explain_reports_without_touching_the_model():
     assert "3/3 residual blocks rewritten" in text and "blocks.0[0, 1, 2]" in text
 
 
+def test_explain_passes_model_keyword_inputs():
+    torch.manual_seed(5)
+    model = GPT(n_layer=2).double()
+    idx, targets = model.example_inputs(2)
+    result = hbp_compile.explain(model, idx, targets=targets, iters=1, gamma=0.0)
+    assert [s.length for r in result.reports for s in r.streams] == [4]
+
+
 def test_explain_lists_graph_breaks_and_per_graph_streams():
     torch.manual_seed(1)
     model = BreakMLP(n_blocks=5).double()
