@@ -30,3 +30,36 @@ def reverse_scan_scalar(a: torch.Tensor, decay: float) -> torch.Tensor:
         g = g + (decay ** d) * shifted
         d *= 2
     return g
+
+
+def reverse_linear_scan(a: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """g_l = a_l + k_l * g_{l+1} along dim 0, g_{n-1} = a_{n-1} (diagonal K_l).
+
+    a: (n, *x.shape); k: (n - 1, *x.shape) or broadcastable, k_l the factor between positions
+    l and l + 1 (dx_{l+1}/dx_l). Hillis-Steele doubling, log2(n) steps: after the step with
+    distance d, g_l = a_l + p_l * g_{l+d} where p_l = k_l ... k_{l+d-1}. (The paper's
+    Algorithm 1 starts the running product at the factor of position l + 1; it must start at
+    k_l, the factor between l and l + 1.)
+    """
+    n = a.shape[0]
+    if n == 1:
+        return a
+    g = a
+    # p_l for the current distance; positions without a successor get 0 (nothing flows in)
+    p = torch.cat([k.expand(n - 1, *a.shape[1:]).to(a.dtype), torch.zeros_like(a[:1])])
+    d = 1
+    while d < n:
+        g = g + p * torch.cat([g[d:], torch.zeros_like(g[:d])])
+        p = p * torch.cat([p[d:], torch.zeros_like(p[:d])])
+        d *= 2
+    return g
+
+
+def reverse_linear_scan_loop(a: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The same recurrence as a sequential loop: n - 1 dependent steps, no extra work."""
+    n = a.shape[0]
+    k = k.expand(n - 1, *a.shape[1:]) if n > 1 else k
+    rows = [a[n - 1]]
+    for l in range(n - 2, -1, -1):
+        rows.append(a[l] + k[l] * rows[-1])
+    return torch.stack(rows[::-1])

@@ -1,0 +1,37 @@
+"""Scans along the residual path against a plain Python loop written here."""
+import pytest
+import torch
+
+from hbp_compile.rewrite.scan import (reverse_cumsum, reverse_linear_scan,
+                                      reverse_linear_scan_loop, reverse_scan_scalar)
+
+
+def loop(a, k):
+    """g_l = a_l + k_l g_{l+1}, g_{n-1} = a_{n-1}: the definition, one position at a time."""
+    n = a.shape[0]
+    g = [None] * n
+    g[n - 1] = a[n - 1].clone()
+    for l in range(n - 2, -1, -1):
+        g[l] = a[l] + k[l] * g[l + 1]
+    return torch.stack(g)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 64])
+def test_diagonal_scans_equal_the_loop(n):
+    torch.manual_seed(n)
+    a = torch.randn(n, 3, 5, dtype=torch.float64)
+    k = torch.rand(max(n - 1, 0), 3, 5, dtype=torch.float64) * 1.5   # |k| up to 1.5: no decay
+    want = loop(a, k)
+    torch.testing.assert_close(reverse_linear_scan(a, k), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reverse_linear_scan_loop(a, k), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 64])
+@pytest.mark.parametrize("decay", [0.0, 0.3, 0.8, 1.0])
+def test_scalar_scan_and_cumsum_equal_the_loop(n, decay):
+    torch.manual_seed(n + int(10 * decay))
+    a = torch.randn(n, 4, dtype=torch.float64)
+    want = loop(a, torch.full((max(n - 1, 0), 4), decay, dtype=torch.float64))
+    torch.testing.assert_close(reverse_scan_scalar(a, decay), want, rtol=1e-12, atol=1e-12)
+    if decay == 1.0:
+        torch.testing.assert_close(reverse_cumsum(a), want, rtol=1e-12, atol=1e-12)
