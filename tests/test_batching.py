@@ -49,11 +49,45 @@ class TiedSteps(nn.Module):
         return (torch.randn(batch_size, self.d, dtype=torch.float64),)
 
 
+class SDPABlock(nn.Module):
+    """Attention through F.scaled_dot_product_attention: a fused kernel vmap has no rule for."""
+
+    def __init__(self, d=16, n_head=2):
+        super().__init__()
+        self.ln, self.qkv, self.proj, self.n_head = nn.LayerNorm(d), nn.Linear(d, 3 * d), \
+            nn.Linear(d, d), n_head
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln(x)).split(C, -1)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SDPAStack(nn.Module):
+    def __init__(self, n_blocks=4):
+        super().__init__()
+        self.blocks = nn.ModuleList(SDPABlock() for _ in range(n_blocks))
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = x + blk(x)
+        return x.pow(2).mean()
+
+    def stream_view(self, x):
+        return [(x, list(self.blocks))], lambda states: states[0][-1].pow(2).mean()
+
+    def example_inputs(self, batch_size=3):
+        return (torch.randn(batch_size, 8, 16, dtype=torch.float64),)
+
+
 MODELS = {
     "resmlp": lambda: ResMLP(n_blocks=6).double(),
     "gpt": lambda: GPT(n_layer=3).double(),
     "alternating": lambda: Alternating().double(),
     "tied": lambda: TiedSteps().double(),
+    "sdpa": lambda: SDPAStack().double(),
 }
 
 
@@ -81,7 +115,8 @@ def test_batched_equals_unbatched_equals_oracle(name, k):
 def test_groups_by_structure():
     torch.manual_seed(1)
     for name, members in [("alternating", [[0, 2, 4], [1, 3, 5]]), ("gpt", [[0, 2, 4], [1, 3, 5]]),
-                          ("resmlp", [[0, 1, 2, 3, 4, 5]]), ("tied", [[0, 1, 2, 3, 4]])]:
+                          ("resmlp", [[0, 1, 2, 3, 4, 5]]), ("sdpa", [[0, 1, 2, 3]]),
+                          ("tied", [[0, 1, 2, 3, 4]])]:
         torch._dynamo.reset()
         model = MODELS[name]()
         _, _, backend = compiled(model, model.example_inputs(2), 1)

@@ -129,9 +129,20 @@ def _check_op(node: fx.Node) -> None:
     schema = node.target._schema
     if schema.is_mutable:
         raise BlockError(node, f"{node.target} mutates its input inside the block")
-    if torch.Tag.nondeterministic_seeded in node.target.tags:
+    if torch.Tag.nondeterministic_seeded in node.target.tags and not _dropout_off(node):
         # The backward re-runs the block: a random op reading x_l would draw new numbers.
         raise BlockError(node, f"random op {node.target} reads the stream inside the block")
+
+
+def _dropout_off(node: fx.Node) -> bool:
+    """An op that is random only through a dropout probability, called with it at 0 (SDPA)."""
+    schema = node.target._schema
+    for i, arg in enumerate(schema.arguments):
+        if arg.name == "dropout_p":
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(
+                arg.name, arg.default_value)
+            return value == 0
+    return False
 
 
 def extract_block(step: ResidualStep, index: GraphIndex) -> Block:
