@@ -37,7 +37,7 @@ def _restart_exceptions() -> tuple:
     return (restart,) if restart is not None else ()
 
 
-_PASS_THROUGH = (HBPError, *_restart_exceptions())
+_RESTARTS = _restart_exceptions()
 
 
 class HBPBackend:
@@ -56,33 +56,32 @@ class HBPBackend:
             "iters": cfg.iters, "gamma": cfg.gamma, "codegen": cfg.codegen,
             "batched": cfg.batched, "cache_key": cfg.cache_key()})
         self.reports.append(report)
-        rewritten = None
         try:
-            rewritten = self._rewrite(gm, example_inputs, report)
-        except _PASS_THROUGH:
+            compiled = self._compile(gm, example_inputs, report)
+        except _RESTARTS:
             self.reports.remove(report)       # Dynamo restarts the frame: a new report follows
             raise
-        except Exception as e:                      # noqa: BLE001 - reported, never swallowed
-            self._fall_back(report, f"the pass failed: {type(e).__name__}: {e}", e)
-        compiled = None
-        if rewritten is not None:
-            try:
-                compiled = compile_graph(rewritten, example_inputs, cfg.codegen,
-                                         lambda name, g: self._on_graph(report, name, g),
-                                         cfg.cache_key())
-            except _PASS_THROUGH:
-                self.reports.remove(report)
-                raise
-            except Exception as e:                  # noqa: BLE001
-                self._fall_back(report, f"compiling the rewritten graph failed: "
-                                        f"{type(e).__name__}: {e}", e)
-        if compiled is None:
-            compiled = compile_graph(gm, example_inputs, cfg.codegen,
-                                     lambda name, g: self._on_graph(report, name, g),
-                                     cfg.cache_key())
         log.info("%s", report)
         self._dump(report)
         return compiled
+
+    def _compile(self, gm: fx.GraphModule, example_inputs, report: GraphReport):
+        """Rewrite and compile; on any failure, compile `gm` as it is (exact backprop)."""
+        def on_graph(name, g):
+            self._on_graph(report, name, g)
+
+        codegen, key = self.config.codegen, self.config.cache_key()
+        stage = "the pass"
+        try:
+            rewritten = self._rewrite(gm, example_inputs, report)
+            if rewritten is not None:
+                stage = "compiling the rewritten graph"
+                return compile_graph(rewritten, example_inputs, codegen, on_graph, key)
+        except (HBPError, *_RESTARTS):
+            raise
+        except Exception as e:                      # noqa: BLE001 - reported, never swallowed
+            self._fall_back(report, f"{stage} failed: {type(e).__name__}: {e}", e)
+        return compile_graph(gm, example_inputs, codegen, on_graph, key)
 
     def _dump(self, report: GraphReport) -> None:
         if self.config.dump_dir is not None:

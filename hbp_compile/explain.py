@@ -29,7 +29,7 @@ class Explanation:
 
     @property
     def rewritten_blocks(self) -> int:
-        return sum(r.rewritten_blocks for r in self.reports if r.fallback_reason is None)
+        return sum(r.rewritten_blocks for r in self.reports)
 
     @property
     def coverage(self) -> float:

@@ -63,7 +63,7 @@ class GraphReport:
 
     @property
     def rewritten_blocks(self) -> int:
-        return sum(s.length for s in self.streams)
+        return 0 if self.fallback_reason else sum(s.length for s in self.streams)
 
     @property
     def coverage(self) -> float:
