@@ -140,3 +140,32 @@ def test_failure_during_compile_falls_back_with_reason(monkeypatch):
     assert "injected failure" in report.fallback_reason and not report.rewritten
     assert "exact backprop (fallback" in str(report)
     assert max_rel_err(got, want) == 0.0
+
+
+class PostNorm(nn.Module):
+    """x = LayerNorm(x + f(x)) (BERT-style post-LN) or relu(x + f(x)) (post-activation)."""
+
+    def __init__(self, post, n=3, d=8):
+        super().__init__()
+        self.post = post
+        self.fs = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(n))
+
+    def forward(self, x):
+        for f, norm in zip(self.fs, self.norms):
+            x = norm(x + f(x)) if self.post == "ln" else torch.relu(x + f(x))
+        return x.pow(2).sum()
+
+
+@pytest.mark.parametrize("post,op", [("ln", "native_layer_norm"), ("relu", "relu")])
+def test_post_norm_and_post_activation_stay_exact_and_say_why(post, op):
+    """Not residual functions the pass knows yet: exact backprop, and the op is named."""
+    torch.manual_seed(9)
+    model = PostNorm(post).double()
+    x = torch.randn(3, 8, dtype=torch.double)
+    _, want = exact(model, (x,))
+    _, got, backend = compiled(model, (x,), 0)
+    (report,) = backend.reports
+    assert report.streams == [] and report.residual_steps == 3
+    assert any(f"passes through aten.{op}" in s.reason for s in report.skipped)
+    assert max_rel_err(got, want) == 0.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import re
 from typing import Optional
 
 import torch
@@ -70,14 +71,15 @@ def _module_stack(node: fx.Node) -> list[str]:
     return paths
 
 
+_ROOT = re.compile(r"^[LG]\[[^\]]*\](\[\d+\])*\.?")      # L['self'], L['args'][0], G['m']
+
+
 def _clean_path(path: str) -> str:
-    """Dynamo's "L['self'].blocks[0].attn" -> "blocks.0.attn"."""
-    for prefix in ("L['self'].", "L['self']", "L['s'].", "L['model']."):
-        if path.startswith(prefix):
-            path = path[len(prefix):]
-            break
-    path = path.replace("._modules['", ".").replace("']", "").replace("['", ".")
-    return path.replace("[", ".").replace("]", "").strip(".")
+    """Dynamo's "L['self'].blocks[0]._modules['attn']" -> "blocks.0.attn"."""
+    path = _ROOT.sub("", path)
+    path = re.sub(r"_modules\['([^']*)'\]", r"\1", path)
+    path = path.replace("['", ".").replace("']", "").replace("[", ".").replace("]", "")
+    return re.sub(r"\.+", ".", path).strip(".")
 
 
 def module_path(nodes: list[fx.Node]) -> Optional[str]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch.fx as fx
 
@@ -88,6 +89,17 @@ def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips:
     return segments
 
 
+def _why_short(last: Block, sources: set) -> str:
+    """Name the op between a residual add and the next one, if that is why the stream ends."""
+    for user in last.step.node.users:
+        hops = [user] + [u for u in user.users if u.target is operator.getitem]
+        if any(h in sources for h in hops):
+            return (f"; the stream passes through {user.target} after the add (a post-norm "
+                    f"or an activation after the residual add: not a residual function the "
+                    f"pass knows yet)")
+    return ""
+
+
 def plan_streams(graph: fx.Graph, min_length: int = 1):
     """Find the streams of a graph and plan their segments; returns (segments, skips, n_steps)."""
     index = GraphIndex(graph)
@@ -96,12 +108,13 @@ def plan_streams(graph: fx.Graph, min_length: int = 1):
     claimed: set = set()        # nodes some segment will replace
     inner: set = set()          # nodes inside the blocks of some segment
     segments = []
+    sources = {st.x0 for st in streams}
     for sid, stream in enumerate(streams):
         for blocks in _split_stream(graph, stream, index, claimed, skips):
             if len(blocks) < min_length:
                 skips.append(Skip(blocks[0].step.node.name,
                                   f"segment of {len(blocks)} block(s) is shorter than "
-                                  f"min_length={min_length}"))
+                                  f"min_length={min_length}" + _why_short(blocks[-1], sources)))
                 continue
             templates = [outline(b) for b in blocks]
             segments.append(Segment(sid, blocks, templates, group_blocks(blocks, templates),
