@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from .analysis.batching import batching_problem
 from .analysis.plan import Segment, plan_streams
-from .capture import functional_aten_graph, joint_graph
+from .capture import functional_aten_graph, joint_graph, restore_native_batch_norm
 from .codegen import compile_graph, count_block_vjps
 from .config import HBPConfig
 from .logs import enabled as log_enabled
@@ -133,6 +133,7 @@ class HBPBackend:
             _count("blocks_rewritten", len(seg.blocks))
             _count("groups_batched", sum(batched))
             _count("groups_unbatched", len(batched) - sum(batched))
+        restore_native_batch_norm(agm.graph)
         _stable_topological_sort(agm.graph)    # readers of x_l may precede the new call
         agm.graph.eliminate_dead_code()
         agm.graph.lint()
@@ -184,9 +185,14 @@ def _stream_report(name, seg: Segment, spec, batched, reasons) -> StreamReport:
     groups = [GroupReport(gi, g.template.signature, g.template.summary, list(g.members),
                           batched[gi], reasons[gi], sum(g.shared))
               for gi, g in enumerate(seg.groups)]
-    scan = "reverse cumsum" if spec.gamma == 0 else \
-        ("none (gamma=1: fixed-point iteration)" if spec.gamma == 1 else
-         f"log-depth scan, K=(1-gamma)I={1 - spec.gamma:g}I")
+    if spec.gamma == 1:
+        scan = "none (gamma=1: fixed-point iteration)"
+    elif not spec.identity:
+        scan = "log-depth diagonal scan, K_l = dr/dx_l" + \
+            (f" x (1-gamma)={1 - spec.gamma:g}" if spec.gamma else "")
+    else:
+        scan = "reverse cumsum" if spec.gamma == 0 else \
+            f"log-depth scan, K=(1-gamma)I={1 - spec.gamma:g}I"
     return StreamReport(name=name, length=len(seg.blocks), residual_kind=seg.kind,
                         x0=seg.x0.name, blocks=blocks, groups=groups,
                         injections=[l for l in spec.state_outputs if l < spec.length],

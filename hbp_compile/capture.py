@@ -6,6 +6,8 @@ here, behind feature checks, so the package runs on torch 2.11 and 2.13 alike.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -145,3 +147,41 @@ def joint_graph(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
 
     with fake_mode, torch.fx.traceback.preserve_node_meta():
         return make_fx(joint)(*fakes)
+
+
+def restore_native_batch_norm(graph: fx.Graph) -> int:
+    """Put batch norms left outside every stream back to native_batch_norm; returns how many.
+
+    Capture wrote them as _native_batch_norm_legit_functional plus copy_ into the running
+    buffers (what the analysis needs inside blocks). Outside a stream that form breaks
+    AOTAutograd's joint trace: its backward saves the buffers the copy_ then bumps. The native
+    op updates the buffers itself, as in an exact compile.
+    """
+    aten = torch.ops.aten
+    restored = 0
+    for node in list(graph.nodes):
+        if node.target is not aten._native_batch_norm_legit_functional.default:
+            continue
+        x, w, b, mean, var, training, momentum, eps = node.args
+        outs = {u.args[1]: u for u in node.users if u.target is operator.getitem}
+        writes = [w_ for i, buf in ((3, mean), (4, var)) if i in outs
+                  for w_ in outs[i].users]
+        if len(outs) != len(node.users) or any(
+                w_.target is not aten.copy_.default or w_.args[0] not in (mean, var)
+                for w_ in writes):
+            continue
+        with graph.inserting_before(node):
+            native = graph.call_function(aten.native_batch_norm.default,
+                                         (x, w, b, mean, var, training, momentum, eps))
+        native.meta = dict(node.meta)
+        for i, user in outs.items():
+            if i < 3:
+                user.replace_input_with(node, native)
+        for w_ in writes:
+            graph.erase_node(w_)
+        for i in (3, 4):
+            if i in outs:
+                graph.erase_node(outs[i])
+        graph.erase_node(node)
+        restored += 1
+    return restored

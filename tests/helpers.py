@@ -72,3 +72,14 @@ def worst_param(got, want):
     errs = {n: (got[n] - w).norm().item() / max(w.norm().item(), 1e-300) for n, w in want.items()}
     name = max(errs, key=errs.get)
     return name, errs[name]
+
+
+def oracle_general(model, inputs, k, gamma=0.0, **view):
+    """Loss and gradients of the eager iteration for any residual function (oracle_general)."""
+    from oracle_general import highway_backward_general
+
+    m = copy.deepcopy(model)
+    xs = clone_inputs(inputs)
+    streams, head = m.stream_view(*xs, **view)
+    loss, _ = highway_backward_general(streams, head, k, gamma=gamma)
+    return loss, grads_of(m, xs)

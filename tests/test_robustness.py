@@ -184,3 +184,37 @@ def test_second_step_reuses_the_compiled_graph():
         opt.step()
         opt_ref.step()
     assert len(backend.reports) == 1
+
+
+class BNOutside(nn.Module):
+    """Train-mode BatchNorm before and after the stream, plain residual blocks in between."""
+
+    def __init__(self, n=3, d=8):
+        super().__init__()
+        self.pre, self.post = nn.BatchNorm1d(d), nn.BatchNorm1d(d)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.ReLU(), nn.Linear(d, d)) for _ in range(n))
+
+    def forward(self, x):
+        x = self.pre(x)
+        for blk in self.blocks:
+            x = x + blk(x)
+        return self.post(x).pow(2).mean()
+
+
+def test_batchnorm_outside_the_stream():
+    """The captured functional batch norm goes back to the native op outside the stream."""
+    torch.manual_seed(8)
+    model = BNOutside().double()
+    x = torch.randn(6, 8, dtype=torch.double)
+    _, want = exact(model, (x,))
+    m = copy.deepcopy(model)
+    backend = hbp_backend(iters=3, codegen="eager", strict=True)
+    torch.compile(m, backend=backend)(x.clone()).backward()
+    got = {n: p.grad for n, p in m.named_parameters()}
+    want.pop("input.0")
+    assert [s.length for s in backend.reports[0].streams] == [3]
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+    ref = copy.deepcopy(model)
+    ref(x)
+    for (name, b), b_ref in zip(m.named_buffers(), ref.buffers()):
+        assert torch.equal(b, b_ref), name

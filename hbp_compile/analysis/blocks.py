@@ -53,8 +53,8 @@ class Block:
         return self.step.stream
 
     @property
-    def z(self) -> fx.Node:
-        return self.step.branch
+    def zs(self) -> tuple:
+        return self.step.zs
 
     @property
     def module_path(self) -> Optional[str]:
@@ -149,9 +149,9 @@ def _dropout_off(node: fx.Node) -> bool:
 
 def extract_block(step: ResidualStep, index: GraphIndex) -> Block:
     """Body, captures and side outputs of one residual step's block (BlockError if unsupported)."""
-    x, z = step.stream, step.branch
+    x = step.stream
     stop = index.pos[x]
-    ancestors, stack = set(), [z]               # ancestors of z_l down to x_l
+    ancestors, stack = set(), list(step.zs)     # ancestors of the block outputs down to x_l
     while stack:
         n = stack.pop()
         if n in ancestors or n is x or index.pos[n] < stop:
@@ -183,8 +183,8 @@ def extract_block(step: ResidualStep, index: GraphIndex) -> Block:
         for i in n.all_input_nodes:
             if i is not x and i not in body and i not in captures:
                 captures.append(i)
-    side = [n for n in ordered
-            if any(u not in body and u is not step.node for u in n.users)]
+    residual = set(step.residual) | {step.node}
+    side = [n for n in ordered if any(u not in body and u not in residual for u in n.users)]
     diff = [_is_float(n) and _reaches_output(n) for n in side]
     return Block(step, ordered, captures, side, diff)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Optional
 import hashlib
 import operator
 
@@ -22,10 +23,10 @@ aten = torch.ops.aten
 _VIEW_TO_RESHAPE = {aten.view.default, aten._unsafe_view.default}
 
 
-def _meta_key(node) -> str:
+def _meta_key(node, strides: bool = True) -> str:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     if isinstance(val, torch.Tensor):
-        return f"{val.dtype}{tuple(val.shape)}{tuple(val.stride())}"
+        return f"{val.dtype}{tuple(val.shape)}" + (f"{tuple(val.stride())}" if strides else "")
     if isinstance(val, (list, tuple)):
         return repr([f"{v.dtype}{tuple(v.shape)}" if isinstance(v, torch.Tensor) else repr(v)
                      for v in val])
@@ -34,11 +35,16 @@ def _meta_key(node) -> str:
 
 @dataclasses.dataclass
 class Template:
-    """A block as a GraphModule (x, *captures) -> (z, *side_outputs), and its signature."""
+    """A block as a GraphModule (x, *captures) -> (*zs, *side_outputs), and its signature.
+
+    `residual` is r as a GraphModule (x, *zs, *residual_caps) -> x_{l+1}; None for x + z.
+    """
 
     gm: fx.GraphModule
     signature: str
     summary: str
+    n_z: int = 1
+    residual: Optional[fx.GraphModule] = None
 
 
 def outline(block: Block) -> Template:
@@ -51,7 +57,10 @@ def outline(block: Block) -> Template:
         local[cap] = f"cap{j}"
     for node, ph in env.items():
         ph.meta["val"] = node.meta.get("val")
-    key = [("x", _meta_key(block.x))] + [(local[c], _meta_key(c)) for c in block.captures]
+    # x's strides are left out: the backward stacks the states, so they arrive contiguous
+    # (a stream starting from h0.expand(B, -1) still batches its first step with the rest)
+    key = [("x", _meta_key(block.x, strides=False))] + \
+        [(local[c], _meta_key(c)) for c in block.captures]
     for i, node in enumerate(block.body):
         env[node] = graph.node_copy(node, lambda a: env[a])
         if env[node].target in _VIEW_TO_RESHAPE:
@@ -59,11 +68,39 @@ def outline(block: Block) -> Template:
         local[node] = f"n{i}"
         args = fx.node.map_arg((node.args, node.kwargs), lambda a: local[a])
         key.append((str(node.target), repr(args), _meta_key(node)))
-    outputs = [block.z] + block.side_outputs
+    outputs = list(block.zs) + block.side_outputs
     graph.output(tuple(env[o] for o in outputs))
     key.append(("out", tuple(local[o] for o in outputs), tuple(block.side_differentiable)))
+    residual = None
+    if not block.step.identity:
+        residual, rkey = _outline_residual(block)
+        key.append(("residual", rkey))
     signature = hashlib.sha1(repr(key).encode()).hexdigest()[:12]
-    return Template(fx.GraphModule(torch.nn.Module(), graph), signature, _summary(block))
+    return Template(fx.GraphModule(torch.nn.Module(), graph), signature, _summary(block),
+                    len(block.zs), residual)
+
+
+def _outline_residual(block: Block):
+    """r as a graph (x, *zs, *residual_caps) -> x_{l+1}, and its structural key."""
+    step = block.step
+    graph = fx.Graph()
+    inputs = [step.stream, *step.zs, *step.residual_caps]
+    names = ["x"] + [f"z{i}" for i in range(len(step.zs))] + \
+        [f"rcap{i}" for i in range(len(step.residual_caps))]
+    env, local = {}, {}
+    for node, name in zip(inputs, names):
+        env[node] = graph.placeholder(name)
+        env[node].meta["val"] = node.meta.get("val")
+        local[node] = name
+    # pointwise and vmapped over stacked (contiguous) values: strides do not matter here
+    key = [(name, _meta_key(node, strides=False)) for node, name in zip(inputs, names)]
+    for i, node in enumerate(step.residual):
+        env[node] = graph.node_copy(node, lambda a: env[a])
+        local[node] = f"r{i}"
+        args = fx.node.map_arg((node.args, node.kwargs), lambda a: local[a])
+        key.append((str(node.target), repr(args), _meta_key(node, strides=False)))
+    graph.output(env[step.node])
+    return fx.GraphModule(torch.nn.Module(), graph), key
 
 
 def _summary(block: Block) -> str:
@@ -90,6 +127,7 @@ class Group:
     template: Template
     members: list[int]              # positions l of the member blocks in the stream
     shared: list[bool]              # per capture: the same value in every member (tied weights)
+    residual_shared: list[bool] = dataclasses.field(default_factory=list)  # same, for r's
 
     @property
     def size(self) -> int:
@@ -103,8 +141,11 @@ def group_blocks(blocks: list[Block], templates: list[Template]) -> list[Group]:
         by_sig.setdefault(t.signature, []).append(l)
     groups = []
     for members in by_sig.values():
-        ncap = len(blocks[members[0]].captures)
-        shared = [len(members) > 1 and len({blocks[l].captures[j] for l in members}) == 1
-                  for j in range(ncap)]
-        groups.append(Group(templates[members[0]], members, shared))
+        def shared(values_of):
+            n = len(values_of(blocks[members[0]]))
+            return [len(members) > 1 and len({values_of(blocks[l])[j] for l in members}) == 1
+                    for j in range(n)]
+
+        groups.append(Group(templates[members[0]], members, shared(lambda b: b.captures),
+                            shared(lambda b: b.step.residual_caps)))
     return groups

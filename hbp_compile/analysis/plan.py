@@ -64,6 +64,7 @@ def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips:
     for l, blk in enumerate(blocks):
         if blk is not None:
             owner.update({n: l for n in blk.body})
+            owner.update({n: l for n in blk.step.residual})
             owner[blk.step.node] = l
     latest = _owner_positions(graph, owner)
     segments, current, start = [], [], 0
@@ -75,7 +76,8 @@ def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips:
             continue
         # A capture computed from this segment's own earlier blocks (a block reading x_j for
         # j < l, or another block's internals) would be both input and output of one call.
-        bad = next((c for c in blk.captures if latest.get(c, -1) >= start), None)
+        bad = next((c for c in (*blk.captures, *blk.step.residual_caps)
+                    if latest.get(c, -1) >= start), None)
         if bad is not None:
             skips.append(Skip(blk.step.node.name,
                               f"stream cut before block {l}: it reads {bad.name}, computed by "
@@ -118,9 +120,10 @@ def plan_streams(graph: fx.Graph, min_length: int = 1):
                 continue
             templates = [outline(b) for b in blocks]
             segments.append(Segment(sid, blocks, templates, group_blocks(blocks, templates),
-                                    blocks[0].step.kind))
+                                    " + ".join(dict.fromkeys(b.step.kind for b in blocks))))
             for b in blocks:
                 claimed.update(b.body)
+                claimed.update(b.step.residual)
                 claimed.add(b.step.node)
                 inner.update(b.body)
     # A residual add that did not link into a stream is either inside a rewritten block (it is

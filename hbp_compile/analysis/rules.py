@@ -18,12 +18,27 @@ aten = torch.ops.aten
 
 @dataclasses.dataclass(frozen=True)
 class ResidualStep:
-    """x_{l+1} = r(x_l, z_l): `node` is x_{l+1}, `stream` is x_l, `branch` is the block output z_l."""
+    """x_{l+1} = r(x_l, z_l...): `node` is x_{l+1}, `stream` is x_l, `zs` the block outputs.
+
+    `residual` holds the nodes of r (graph order, ending with `node`) and `residual_caps` the
+    values r reads that do not depend on x_l (constants, parameters such as LayerScale's).
+    K_l is the Jacobian of r in x_l with the block outputs held fixed: I for "identity".
+    """
 
     node: fx.Node
     stream: fx.Node
-    branch: fx.Node
-    kind: str            # residual-function kind, names K_l ("identity": K_l = I)
+    zs: tuple
+    kind: str
+    residual: tuple = ()
+    residual_caps: tuple = ()
+
+    @property
+    def branch(self) -> fx.Node:
+        return self.zs[0]
+
+    @property
+    def identity(self) -> bool:
+        return self.kind == "identity"
 
 
 class GraphIndex:
@@ -88,11 +103,95 @@ def identity_residual(node: fx.Node, index: GraphIndex) -> Optional[ResidualStep
         if s is None or z is None or not _same_layout(s, out) or z.shape != out.shape:
             continue
         if index.depends_on(branch, stream) and not index.depends_on(stream, branch):
-            return ResidualStep(node, stream, branch, "identity")
+            return ResidualStep(node, stream, (branch,), "identity", (node,))
     return None
 
 
+# A block is the expensive part of a step: it must hold one of these (a normalisation's mean and
+# variance are not a block, so a hand-written RMSNorm is no residual step).
+HEAVY_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+             aten.convolution.default, aten._scaled_dot_product_flash_attention_for_cpu.default,
+             aten._scaled_dot_product_efficient_attention.default,
+             aten._scaled_dot_product_flash_attention.default, aten.embedding.default}
+MAX_RESIDUAL_NODES = 24
+
+
+def _pointwise(n) -> bool:
+    return (isinstance(n, fx.Node) and n.op == "call_function"
+            and isinstance(n.target, torch._ops.OpOverload)
+            and torch.Tag.pointwise in n.target.tags and tensor_meta(n) is not None)
+
+
+def _has_heavy_op(z: fx.Node, x: fx.Node, index: GraphIndex) -> bool:
+    """Does z read x through a matmul, convolution or attention (bounded by x's position)?"""
+    stop = index.pos[x]
+    seen, stack = set(), [z]
+    while stack:
+        n = stack.pop()
+        if n in seen or n is x or index.pos[n] < stop:
+            continue
+        seen.add(n)
+        if n.target in HEAVY_OPS and index.depends_on(n, x):
+            return True
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _pointwise_cone(node: fx.Node) -> set:
+    """`node` and the pointwise nodes that feed only it (transitively): the candidate r."""
+    cone, changed = {node}, True
+    while changed and len(cone) < MAX_RESIDUAL_NODES:
+        changed = False
+        for n in list(cone):
+            for i in n.all_input_nodes:
+                if i not in cone and _pointwise(i) and all(u in cone for u in i.users):
+                    cone.add(i)
+                    changed = True
+    return cone
+
+
+def elementwise_residual(node: fx.Node, index: GraphIndex) -> Optional[ResidualStep]:
+    """x_{l+1} = r(x_l, z...) with r pointwise: ReLU after the add, gates a * x + z, the GRU
+    update z * h + (1 - z) * n, LSTM's f * c + i * g. K_l = dr/dx_l with the zs held fixed."""
+    if not _pointwise(node):
+        return None
+    cone = _pointwise_cone(node)
+    if len(cone) > MAX_RESIDUAL_NODES:
+        return None
+    leaves = sorted({i for n in cone for i in n.all_input_nodes if i not in cone},
+                    key=index.pos.__getitem__)
+    out = tensor_meta(node)
+    for x in leaves:
+        xv = tensor_meta(x)
+        if xv is None or not _same_layout(xv, out):
+            continue
+        zs = [l for l in leaves if l is not x and index.depends_on(l, x)]
+        if not zs or not any(_has_heavy_op(z, x, index) for z in zs):
+            continue
+        caps = [l for l in leaves if l is not x and l not in zs]
+        ordered = tuple(sorted(cone, key=index.pos.__getitem__))
+        return ResidualStep(node, x, tuple(zs), _kind_name(ordered), ordered, tuple(caps))
+    return None
+
+
+def _kind_name(residual) -> str:
+    """"relu-after-add" (post-activation ResNet), else "gated": K_l comes from block outputs."""
+    names = [getattr(n.target, "__name__", str(n.target)).split(".")[0] for n in residual]
+    if names == ["add", "relu"]:
+        return "relu-after-add"
+    return f"gated ({len(names)} pointwise ops)"
+
+
 def match_residual_step(node: fx.Node, index: GraphIndex) -> Optional[ResidualStep]:
-    """The residual step `node` computes, by the rule registered for its target, or None."""
-    rule = RULES.get(node.target) if node.op == "call_function" else None
-    return rule(node, index) if rule is not None else None
+    """The residual step `node` computes, or None.
+
+    Both the rule registered for the target and the pointwise rule may match; the step whose
+    stream comes first wins. In the GRU update (h - n) * z + n, the add alone reads as n plus
+    a branch, but the stream is h: n and z are computed from h.
+    """
+    if node.op != "call_function":
+        return None
+    rule = RULES.get(node.target)
+    steps = [s for s in (rule(node, index) if rule is not None else None,
+                         elementwise_residual(node, index)) if s is not None]
+    return min(steps, key=lambda s: index.pos[s.stream]) if steps else None

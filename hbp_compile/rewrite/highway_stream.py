@@ -3,11 +3,13 @@
 AOTAutograd traces this Function's backward into the joint graph, so the backward graph that
 Inductor (and compiled autograd) receives IS the Highway-BP backward:
 
-    round 0   g^0 = scan(e)                          residual path only
+    round 0   g^0 = scan(K, e)                       residual path only
     round r   v_l = J_l^T g^{r-1}_{l+1} for all l    one batched VJP per group of blocks
-              g^r = scan(v + gamma g^{r-1}_{+1} + e)
+              g^r = scan(K, v + gamma K g^{r-1}_{+1} + e)
     final     parameter gradients of block l = its VJP at g^k_{l+1};  dL/dx_0 = g^k_0
 
+scan(K, a) solves g_l = (1 - gamma) K_l g_{l+1} + a_l: a reverse cumsum when every step is
+x + z (K = I), a diagonal linear scan otherwise (K_l = dr/dx_l, read off r's VJP at ones).
 Tensors along the stream are stacked on a leading axis: E, A and G are (L + 1, *x.shape) with
 row l holding the value at x_l.
 """
@@ -21,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from ..analysis.batching import vmappable
-from .scan import reverse_scan_scalar
+from .scan import reverse_linear_scan, reverse_scan_scalar
 
 try:                                    # node annotations, to find each VJP in the graphs
     from torch.fx.traceback import annotate as _annotate
@@ -38,11 +40,14 @@ def annotate(**tags):
 class GroupSpec:
     """How the backward runs one group of identical blocks."""
 
-    template: fx.GraphModule            # (x, *caps) -> (z, *side_outputs)
+    template: fx.GraphModule            # (x, *caps) -> (*zs, *side_outputs)
     members: tuple[int, ...]            # block positions l
     shared: tuple[bool, ...]            # per capture: one value for all members
     batched: bool                       # one vmapped VJP per round (else one VJP per member)
     side_differentiable: tuple[bool, ...]
+    n_z: int = 1                        # block outputs the residual function reads
+    residual: Optional[fx.GraphModule] = None    # r(x, *zs, *rcaps); None: x + z
+    residual_shared: tuple[bool, ...] = ()
 
 
 @dataclasses.dataclass
@@ -58,6 +63,15 @@ class StreamSpec:
     iters: int
     gamma: float
     mutated_caps: frozenset = frozenset()  # captures the graph writes to later (copy_)
+    residual_caps: tuple = ()            # block l's residual-function captures (indices)
+
+    @property
+    def identity(self) -> bool:
+        """Every step is x + z: K = I and the scan is a reverse cumsum."""
+        return all(g.residual is None for g in self.groups)
+
+    def rcaps_of(self, l: int) -> tuple:
+        return self.residual_caps[l] if self.residual_caps else ()
 
     def side_layout(self):
         """(block, side-output index, differentiable) for every returned side output."""
@@ -76,86 +90,133 @@ def _rows(t: torch.Tensor, idx) -> torch.Tensor:
     return torch.stack([t[i] for i in idx])
 
 
-def _blocks_to_stream(parts, length: int, like: torch.Tensor) -> torch.Tensor:
+def _blocks_to_stream(parts, length: int, fill: torch.Tensor) -> torch.Tensor:
     """Scatter per-group rows (members, (n, *x.shape)) into a (length + 1, *x.shape) tensor."""
     if len(parts) == 1 and list(parts[0][0]) == list(range(length)):
-        return torch.cat([parts[0][1], torch.zeros_like(like).unsqueeze(0)])
+        return torch.cat([parts[0][1], fill.unsqueeze(0)])
     rows = [None] * (length + 1)
     for members, t in parts:
         for i, l in enumerate(members):
             rows[l] = t[i]
-    zero = torch.zeros_like(like)
-    return torch.stack([zero if r is None else r for r in rows])
+    return torch.stack([fill if r is None else r for r in rows])
+
+
+def _stack_args(values_of, members, shared, caps):
+    """Per argument position: one value for all members (shared, non-tensor) or a stack."""
+    first = values_of(members[0])
+    args, dims = [], []
+    for j, i in enumerate(first):
+        one = (shared[j] if j < len(shared) else False) or not isinstance(caps[i], torch.Tensor)
+        args.append(caps[i] if one else torch.stack([caps[values_of(l)[j]] for l in members]))
+        dims.append(None if one else 0)
+    return args, dims
 
 
 class _GroupVJP:
-    """The linearised blocks of one group: a single vjp_fn when batched, one per member if not."""
+    """The linearised blocks (and residual functions) of one group: one vjp_fn when batched."""
 
     def __init__(self, spec: StreamSpec, gi: int, xs, caps, needs_grad):
         g = spec.groups[gi]
         self.group, self.members = g, list(g.members)
-        block_caps = [spec.block_caps[l] for l in self.members]
-        ncap = len(block_caps[0])
-        first = block_caps[0]
-        # per capture position: differentiate it? (any member's capture needs a gradient)
-        self.diff = [j for j in range(ncap)
-                     if isinstance(caps[first[j]], torch.Tensor)
-                     and caps[first[j]].dtype.is_floating_point
-                     and any(needs_grad[bc[j]] for bc in block_caps)]
-        self.cap_index = block_caps
-        self.out_diff = [0] + [1 + i for i, d in enumerate(g.side_differentiable) if d]
-        template = g.template
+        self.cap_index = [spec.block_caps[l] for l in self.members]
+        self.rcap_index = [spec.rcaps_of(l) for l in self.members]
+        first = self.cap_index[0]
+
+        def wanted(index):          # argument positions to differentiate
+            return [j for j in range(len(index[0]))
+                    if isinstance(caps[index[0][j]], torch.Tensor)
+                    and caps[index[0][j]].dtype.is_floating_point
+                    and any(needs_grad[ix[j]] for ix in index)]
+
+        self.diff = wanted(self.cap_index) if first else []
+        self.rdiff = wanted(self.rcap_index) if self.rcap_index[0] else []
+        self.out_diff = list(range(g.n_z)) + \
+            [g.n_z + i for i, d in enumerate(g.side_differentiable) if d]
+        n_z = g.n_z
 
         def select(outs):
             return tuple(outs[i] for i in self.out_diff)
 
-        if g.batched:
-            shared = [g.shared[j] or not isinstance(caps[first[j]], torch.Tensor)
-                      for j in range(ncap)]
-            full = [caps[first[j]] if shared[j] else torch.stack([caps[bc[j]] for bc in block_caps])
-                    for j in range(ncap)]
-            self.shared = shared
-            in_dims = (0, *[None if s else 0 for s in shared])
-            batched_template = torch.func.vmap(vmappable(template), in_dims=in_dims)
-            X = torch.stack([xs[l] for l in self.members])           # (n, *x.shape)
-
-            def f(X, *diff_caps):
+        def linearize(fn, primal, full, diff):
+            """vjp of fn(primal, *full) in primal and the `diff` positions of full."""
+            def f(p, *diff_args):
                 args = list(full)
-                for j, t in zip(self.diff, diff_caps):
+                for j, t in zip(diff, diff_args):
                     args[j] = t
-                return select(batched_template(X, *args))
+                return fn(p, *args)
+            return torch.func.vjp(f, primal, *[full[j] for j in diff])
 
-            outs, vjp_fn = torch.func.vjp(f, X, *[full[j] for j in self.diff])
-            self.fns = [vjp_fn]
+        if g.batched:
+            full, dims = _stack_args(lambda l: spec.block_caps[l], self.members, g.shared, caps)
+            self.shared = [d is None for d in dims]
+            block = torch.func.vmap(vmappable(g.template), in_dims=(0, *dims))
+            X = torch.stack([xs[l] for l in self.members])           # (n, *x.shape)
+            outs, fn = linearize(lambda x, *a: select(block(x, *a)), X, full, self.diff)
+            self.fns = [fn]
+            if g.residual is not None:
+                rfull, rdims = _stack_args(spec.rcaps_of, self.members, g.residual_shared, caps)
+                self.rshared = [d is None for d in rdims]
+                r = torch.func.vmap(g.residual, in_dims=(0, *([0] * n_z), *rdims))
+                y, rfn = linearize(lambda x, *a: r(x, *a), X, [*outs[:n_z], *rfull],
+                                   list(range(n_z)) + [n_z + j for j in self.rdiff])
+                self.rfns = [rfn]
+                self.K = rfn(torch.ones_like(y))[0]                  # (n, *x.shape)
         else:
-            self.fns = []
-            for l, bc in zip(self.members, block_caps):
-                args0 = [caps[i] for i in bc]
+            self.fns, self.rfns, Ks = [], [], []
+            for l, bc, rc in zip(self.members, self.cap_index, self.rcap_index):
+                outs, fn = linearize(lambda x, *a: select(g.template(x, *a)), xs[l],
+                                     [caps[i] for i in bc], self.diff)
+                self.fns.append(fn)
+                if g.residual is not None:
+                    y, rfn = linearize(lambda x, *a: g.residual(x, *a), xs[l],
+                                       [*outs[:n_z], *[caps[i] for i in rc]],
+                                       list(range(n_z)) + [n_z + j for j in self.rdiff])
+                    self.rfns.append(rfn)
+                    Ks.append(rfn(torch.ones_like(y))[0])
+            if Ks:
+                self.K = torch.stack(Ks)
+        self.z_dtypes = [o.dtype for o in outs[:n_z]]
 
-                def f(x, *diff_caps, args0=args0):
-                    args = list(args0)
-                    for j, t in zip(self.diff, diff_caps):
-                        args[j] = t
-                    return select(template(x, *args))
+    def __call__(self, cot_y: torch.Tensor, cot_sides: list[torch.Tensor], **tags):
+        """VJPs of every member at the stacked stream cotangents g_{l+1} (n, ...).
 
-                outs, vjp_fn = torch.func.vjp(f, xs[l], *[args0[j] for j in self.diff])
-                self.fns.append(vjp_fn)
-        z = outs[0]
-        self.z_dtype = z.dtype
+        Returns (input grads (n, ...), per vjp_fn its capture grads, per vjp_fn its residual
+        capture grads)."""
+        gi, n_z = tags["hbp_group"], self.group.n_z
+        batched = self.group.batched
+        fns = self.fns if batched else self.fns
+        out_x, out_caps, out_rcaps = [], [], []
+        for i, fn in enumerate(fns):
+            with annotate(**tags, hbp_call=f"{gi}" if batched else f"{gi}.{i}"):
+                cy = cot_y if batched else cot_y[i]
+                if self.group.residual is not None:
+                    rres = self.rfns[i](cy)
+                    cot_zs, rgrads = list(rres[1:1 + n_z]), rres[1 + n_z:]
+                else:
+                    cot_zs, rgrads = [cy], ()
+                cot_zs = [c.to(dt) for c, dt in zip(cot_zs, self.z_dtypes)]
+                sides = cot_sides if batched else [c[i] for c in cot_sides]
+                res = fn(tuple(cot_zs + sides))
+            out_x.append(res[0])
+            out_caps.append(res[1:])
+            out_rcaps.append(rgrads)
+        v = out_x[0] if batched else torch.stack(out_x)
+        return v, out_caps, out_rcaps
 
-    def __call__(self, cot_z: torch.Tensor, cot_sides: list[torch.Tensor], **tags):
-        """VJP of every member at stacked cotangents (n, ...): (input grads (n, ...), cap grads)."""
-        cot = [cot_z.to(self.z_dtype)] + cot_sides
-        gi = tags["hbp_group"]
-        if self.group.batched:
-            with annotate(**tags, hbp_call=f"{gi}"):
-                res = self.fns[0](tuple(cot))
-            return res[0], [res[1:]]
-        res = []
-        for i, fn in enumerate(self.fns):
-            with annotate(**tags, hbp_call=f"{gi}.{i}"):
-                res.append(fn(tuple(c[i] for c in cot)))
-        return torch.stack([r[0] for r in res]), [r[1:] for r in res]
+
+def _accumulate_grads(spec, vjp, per_fn, index, shared, diff, accumulate):
+    """Unstack one group's capture gradients into the per-capture sums."""
+    if vjp.group.batched:
+        for j, gj in zip(diff, per_fn[0]):
+            if shared[j]:                  # vmap's VJP already summed over members
+                accumulate(index[0][j], gj)
+            else:
+                for i, ix in enumerate(index):
+                    accumulate(ix[j], gj[i])
+    else:
+        for ix, gs in zip(index, per_fn):
+            for j, gj in zip(diff, gs):
+                accumulate(ix[j], gj)
 
 
 class HighwayStream(torch.autograd.Function):
@@ -167,9 +228,13 @@ class HighwayStream(torch.autograd.Function):
         for l in range(spec.length):
             group = spec.groups[spec.block_group[l]]
             outs = group.template(x, *[caps[i] for i in spec.block_caps[l]])
-            x = x + outs[0]                                  # identity residual function
+            zs = outs[:group.n_z]
+            if group.residual is None:
+                x = x + zs[0]                                    # identity residual function
+            else:
+                x = group.residual(x, *zs, *[caps[i] for i in spec.rcaps_of(l)])
             xs.append(x)
-            sides.extend(outs[1:])
+            sides.extend(outs[group.n_z:])
         ctx.spec = spec
         # A buffer that the graph overwrites after this call (BatchNorm's running statistics)
         # is saved as a copy: the backward re-runs the blocks on the values they saw.
@@ -191,12 +256,12 @@ class HighwayStream(torch.autograd.Function):
         needs_grad = ctx.needs_input_grad[2:]
         n_states = len(spec.state_outputs)
         x0 = xs[0]
+        zero = torch.zeros_like(x0)
 
         # e_l: gradients injected at x_l from outside the stream (x_L's is the incoming one)
         inject = [None] * (L + 1)
         for l, g in zip(spec.state_outputs, grads[:n_states]):
             inject[l] = g
-        zero = torch.zeros_like(x0)
         E = torch.stack([zero if g is None else g.to(x0.dtype) for g in inject])  # (L+1, *x)
 
         # side-output cotangents, per group, stacked over members
@@ -208,45 +273,54 @@ class HighwayStream(torch.autograd.Function):
         vjps = [_GroupVJP(spec, gi, xs, caps, needs_grad) for gi in range(len(spec.groups))]
 
         def group_cotangents(G, vjp):
-            cot_z = _rows(G, [l + 1 for l in vjp.members])
-            cot_s = [torch.stack([side_cot[l][i] for l in vjp.members])
-                     for i in range(len(vjp.out_diff) - 1)]
-            return cot_z, cot_s
+            cot_y = _rows(G, [l + 1 for l in vjp.members])
+            n_sides = len(vjp.out_diff) - vjp.group.n_z
+            cot_s = [torch.stack([side_cot[l][i] for l in vjp.members]) for i in range(n_sides)]
+            return cot_y, cot_s
 
         decay = 1.0 - spec.gamma
-        G = reverse_scan_scalar(E, decay)                       # round 0
+        if spec.identity:
+            K = None
+
+            def scan(A):
+                return reverse_scan_scalar(A, decay)
+        else:                           # K_l = dr/dx_l, (L, *x.shape); 1 for x + z steps
+            one = torch.ones_like(x0)
+            K = _blocks_to_stream([(v.members, v.K) for v in vjps if v.group.residual is not None],
+                                  L, one)[:L]
+
+            def scan(A):
+                return reverse_linear_scan(A, decay * K)
+
+        G = scan(E)                                              # round 0
         for r in range(1, spec.iters + 1):
             parts = []
             for gi, vjp in enumerate(vjps):
-                cot_z, cot_s = group_cotangents(G, vjp)
-                v, _ = vjp(cot_z, cot_s, hbp_stream=spec.name, hbp_round=r, hbp_group=gi)
+                cot_y, cot_s = group_cotangents(G, vjp)
+                v, _, _ = vjp(cot_y, cot_s, hbp_stream=spec.name, hbp_round=r, hbp_group=gi)
                 parts.append((vjp.members, v))
-            A = _blocks_to_stream(parts, L, x0) + E
-            if spec.gamma:                                      # gamma split: + gamma g_{l+1}
-                A = A + spec.gamma * torch.cat([G[1:], zero.unsqueeze(0)])
-            G = reverse_scan_scalar(A, decay)
+            A = _blocks_to_stream(parts, L, zero) + E
+            if spec.gamma:                                       # gamma split: + gamma K g_{l+1}
+                kg = G[1:] if K is None else K * G[1:]
+                A = A + spec.gamma * torch.cat([kg, zero.unsqueeze(0)])
+            G = scan(A)
 
         cap_grads: list[Optional[torch.Tensor]] = [None] * len(caps)
 
         def accumulate(i, g):
             cap_grads[i] = g if cap_grads[i] is None else cap_grads[i] + g
 
-        for gi, vjp in enumerate(vjps):                        # final: parameter VJPs
-            if not vjp.diff:
+        for gi, vjp in enumerate(vjps):                         # final: parameter VJPs
+            if not vjp.diff and not vjp.rdiff:
                 continue
-            cot_z, cot_s = group_cotangents(G, vjp)
-            _, per = vjp(cot_z, cot_s, hbp_stream=spec.name, hbp_round="final", hbp_group=gi)
-            if vjp.group.batched:
-                for j, gj in zip(vjp.diff, per[0]):
-                    if vjp.shared[j]:          # vmap's VJP already summed over members
-                        accumulate(vjp.cap_index[0][j], gj)
-                    else:
-                        for i, bc in enumerate(vjp.cap_index):
-                            accumulate(bc[j], gj[i])
-            else:
-                for bc, gs in zip(vjp.cap_index, per):
-                    for j, gj in zip(vjp.diff, gs):
-                        accumulate(bc[j], gj)
+            cot_y, cot_s = group_cotangents(G, vjp)
+            _, per, rper = vjp(cot_y, cot_s, hbp_stream=spec.name, hbp_round="final",
+                               hbp_group=gi)
+            _accumulate_grads(spec, vjp, per, vjp.cap_index, getattr(vjp, "shared", ()),
+                              vjp.diff, accumulate)
+            if vjp.rdiff:
+                _accumulate_grads(spec, vjp, rper, vjp.rcap_index, getattr(vjp, "rshared", ()),
+                                  vjp.rdiff, accumulate)
         for i, need in enumerate(needs_grad):
             if not need:
                 cap_grads[i] = None

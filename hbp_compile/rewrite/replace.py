@@ -18,7 +18,7 @@ def state_outputs(blocks: list[Block]) -> tuple[int, ...]:
     L = len(blocks)
     out = []
     for l in range(1, L):
-        inside = set(blocks[l].body) | {blocks[l].step.node}
+        inside = set(blocks[l].body) | set(blocks[l].step.residual) | {blocks[l].step.node}
         if any(u not in inside for u in blocks[l - 1].step.node.users):
             out.append(l)
     return tuple(out) + (L,)
@@ -29,15 +29,16 @@ def build_spec(name: str, blocks: list[Block], groups: list[Group], batched: lis
     """The StreamSpec of a stream and the flat list of captured graph values it takes."""
     caps: list = []
     slot: dict = {}
-    block_caps = []
-    for blk in blocks:
-        idx = []
-        for c in blk.captures:
+
+    def slots(values):
+        for c in values:
             if c not in slot:
                 slot[c] = len(caps)
                 caps.append(c)
-            idx.append(slot[c])
-        block_caps.append(tuple(idx))
+        return tuple(slot[c] for c in values)
+
+    block_caps = [slots(blk.captures) for blk in blocks]
+    residual_caps = [slots(blk.step.residual_caps) for blk in blocks]
     block_group = [0] * len(blocks)
     group_specs = []
     for gi, (g, b) in enumerate(zip(groups, batched)):
@@ -45,11 +46,14 @@ def build_spec(name: str, blocks: list[Block], groups: list[Group], batched: lis
             block_group[l] = gi
         group_specs.append(GroupSpec(
             template=g.template.gm, members=tuple(g.members), shared=tuple(g.shared),
-            batched=b, side_differentiable=tuple(blocks[g.members[0]].side_differentiable)))
+            batched=b, side_differentiable=tuple(blocks[g.members[0]].side_differentiable),
+            n_z=g.template.n_z, residual=g.template.residual,
+            residual_shared=tuple(g.residual_shared)))
     mutated = frozenset(i for i, c in enumerate(caps)
                         if any(u.target is aten.copy_.default and u.args[0] is c for u in c.users))
     spec = StreamSpec(name=name, length=len(blocks), block_group=tuple(block_group),
-                      block_caps=tuple(block_caps), groups=tuple(group_specs),
+                      block_caps=tuple(block_caps), residual_caps=tuple(residual_caps),
+                      groups=tuple(group_specs),
                       state_outputs=state_outputs(blocks), iters=iters, gamma=gamma,
                       mutated_caps=mutated)
     return spec, caps
@@ -77,7 +81,7 @@ def replace_stream(graph: fx.Graph, spec: StreamSpec, blocks: list[Block], caps:
     call.name = spec.name
     values = [blocks[l - 1].step.node for l in spec.state_outputs]
     values += [s for blk in blocks for s in blk.side_outputs]
-    inside = {n for blk in blocks for n in blk.body} | {blk.step.node for blk in blocks}
+    inside = {n for blk in blocks for n in (*blk.body, *blk.step.residual, blk.step.node)}
     prev = call
     for i, old in enumerate(values):
         with graph.inserting_after(prev):
