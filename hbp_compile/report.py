@@ -96,7 +96,8 @@ class GraphReport:
                      f"(coverage {100 * self.coverage:.0f}%)"]
         for s in self.streams:
             inj = ", ".join(f"x_{l}" for l in s.injections) or "none"
-            lines.append(f"  stream {s.name}: L={s.length}, {s.residual_kind} residual, "
+            planned = "(planned, not applied) " if self.fallback_reason is not None else ""
+            lines.append(f"  {planned}stream {s.name}: L={s.length}, {s.residual_kind} residual, "
                          f"x_0={s.x0}, scan={s.scan}, gradient injected at: {inj}"
                          + (f", {s.side_outputs} side output(s)" if s.side_outputs else ""))
             for g in s.groups:

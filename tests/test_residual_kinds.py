@@ -94,3 +94,33 @@ def test_unsupported_forms_stay_exact_and_say_why(factory):
     (report,) = backend.reports
     assert report.streams == [] and report.skipped
     assert max_rel_err(got, want) < 1e-12, worst_param(got, want)
+
+
+def test_gru_T32_exact_and_oracle():
+    """The issue's size: a GRU-cell loop over T = 32 steps, loss at the last step."""
+    torch.manual_seed(5)
+    model = GRULoop(T=32).double()
+    inputs = model.example_inputs(3)
+    _, want = exact(model, inputs)
+    _, got, backend = compiled(model, inputs, 32)
+    assert backend.reports[0].streams[0].length == 32
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+    torch._dynamo.reset()
+    _, want = oracle_general(model, inputs, 2)
+    _, got, _ = compiled(model, inputs, 2)
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_pre_ln_gpt_gamma_split(k):
+    """The paper's GPT-2 setting: pre-LN transformer, gamma = 0.2."""
+    from helpers import oracle
+    from models import GPT
+
+    torch.manual_seed(6 + k)
+    model = GPT(n_layer=2).double()
+    inputs = model.example_inputs(2)
+    _, want = oracle(model, inputs, k, gamma=0.2)
+    _, got, backend = compiled(model, inputs, k, gamma=0.2)
+    assert "(1-gamma)" in backend.reports[0].streams[0].scan
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)

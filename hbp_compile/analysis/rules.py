@@ -89,7 +89,10 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @register_rule(aten.add.Tensor)
 def identity_residual(node: fx.Node, index: GraphIndex) -> Optional[ResidualStep]:
-    """x_{l+1} = x_l + z_l, K_l = I (pre-LN Transformers, residual MLPs, pre-activation ResNets)."""
+    """x_{l+1} = x_l + z_l, K_l = I (pre-LN Transformers, residual MLPs, pre-activation ResNets).
+
+    The branch must reach x_l through a matmul, convolution or attention: GELU's
+    x + 0.044715 x^3 is no residual step."""
     if node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2:
         return None
     a, b = node.args
@@ -102,7 +105,8 @@ def identity_residual(node: fx.Node, index: GraphIndex) -> Optional[ResidualStep
         # an fp32 stream plus a bf16 block output) but must not broadcast.
         if s is None or z is None or not _same_layout(s, out) or z.shape != out.shape:
             continue
-        if index.depends_on(branch, stream) and not index.depends_on(stream, branch):
+        if index.depends_on(branch, stream) and not index.depends_on(stream, branch) \
+                and _has_heavy_op(branch, stream, index):
             return ResidualStep(node, stream, (branch,), "identity", (node,))
     return None
 
