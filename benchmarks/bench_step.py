@@ -112,6 +112,22 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
+class GRULoop(nn.Module):
+    """nn.GRUCell over T steps, loss at the last step: the paper's Table 6 setting (pixel GRU)."""
+
+    def __init__(self, T, input_size=8, hidden=64, n_classes=10):
+        super().__init__()
+        self.T = T
+        self.cell = nn.GRUCell(input_size, hidden)
+        self.head = nn.Linear(hidden, n_classes)
+
+    def forward(self, xs, y):
+        h = xs.new_zeros(xs.size(1), self.cell.hidden_size)             # (B, hidden)
+        for t in range(self.T):
+            h = self.cell(xs[t], h)
+        return F.cross_entropy(self.head(h), y)
+
+
 @dataclasses.dataclass
 class Case:
     """A model and the batch it is timed on."""
@@ -127,6 +143,11 @@ CASES = {
                 lambda dev: (torch.randint(256, (8, 64), device=dev),
                              torch.randint(256, (8, 64), device=dev))),
 }
+for _T in (64, 256, 1024):      # run with --iters 0,3,5,10 --no-unbatched (the paper's Table 6)
+    CASES[f"gru{_T}"] = Case(f"GRUCell loop T={_T}, hidden 64, batch 32, loss at the last step",
+                             lambda T=_T: GRULoop(T),
+                             lambda dev, T=_T: (torch.randn(T, 32, 8, device=dev),
+                                                torch.randint(10, (32,), device=dev)))
 
 # -----------------------------------------------------------------------------
 
@@ -151,7 +172,8 @@ def bench_model(name, case, args, dev, sync, log, budget):
     # most telling first, so that a spent budget skips the (slowest to compile) unbatched ones
     variants = [("exact", None)]
     variants += [(f"hbp{k}", dict(iters=k, batched=True)) for k in args.iters]
-    variants += [(f"hbp{k}-unbatched", dict(iters=k, batched=False)) for k in args.iters]
+    if args.unbatched:
+        variants += [(f"hbp{k}-unbatched", dict(iters=k, batched=False)) for k in args.iters]
 
     res, live = {}, []          # live: (name, step_fn) of the variants that compiled
     t_start = time.perf_counter()
@@ -255,6 +277,8 @@ def main():
     p.add_argument("--models", default="mlp,gpt")
     p.add_argument("--iters", default="1,2,3")
     p.add_argument("--quick", action="store_true", help="5 timed steps, 1 warmup (smoke test)")
+    p.add_argument("--no-unbatched", dest="unbatched", action="store_false",
+                   help="skip the batched=False variants (long RNNs: one VJP per step)")
     p.add_argument("--budget", type=float, default=0,
                    help="seconds of compiling for the whole run, shared among the models; "
                         "a model compiles no further variants once its share is spent (0: none)")
