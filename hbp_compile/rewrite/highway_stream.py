@@ -148,7 +148,7 @@ class _GroupVJP:
 
         if g.batched:
             full, dims = _stack_args(lambda l: spec.block_caps[l], self.members, g.shared, caps)
-            self.shared = [d is None for d in dims]
+            self.shared, self.rshared = [d is None for d in dims], ()
             block = torch.func.vmap(vmappable(g.template), in_dims=(0, *dims))
             X = torch.stack([xs[l] for l in self.members])           # (n, *x.shape)
             outs, fn = linearize(lambda x, *a: select(block(x, *a)), X, full, self.diff)
@@ -162,6 +162,7 @@ class _GroupVJP:
                 self.rfns = [rfn]
                 self.K = rfn(torch.ones_like(y))[0]                  # (n, *x.shape)
         else:
+            self.shared = self.rshared = ()        # nothing stacked: each member is its own
             self.fns, self.rfns, Ks = [], [], []
             for l, bc, rc in zip(self.members, self.cap_index, self.rcap_index):
                 outs, fn = linearize(lambda x, *a: select(g.template(x, *a)), xs[l],
@@ -184,9 +185,8 @@ class _GroupVJP:
         capture grads)."""
         gi, n_z = tags["hbp_group"], self.group.n_z
         batched = self.group.batched
-        fns = self.fns if batched else self.fns
         out_x, out_caps, out_rcaps = [], [], []
-        for i, fn in enumerate(fns):
+        for i, fn in enumerate(self.fns):
             with annotate(**tags, hbp_call=f"{gi}" if batched else f"{gi}.{i}"):
                 cy = cot_y if batched else cot_y[i]
                 if self.group.residual is not None:
@@ -204,7 +204,7 @@ class _GroupVJP:
         return v, out_caps, out_rcaps
 
 
-def _accumulate_grads(spec, vjp, per_fn, index, shared, diff, accumulate):
+def _accumulate_grads(vjp, per_fn, index, shared, diff, accumulate):
     """Unstack one group's capture gradients into the per-capture sums."""
     if vjp.group.batched:
         for j, gj in zip(diff, per_fn[0]):
@@ -316,11 +316,9 @@ class HighwayStream(torch.autograd.Function):
             cot_y, cot_s = group_cotangents(G, vjp)
             _, per, rper = vjp(cot_y, cot_s, hbp_stream=spec.name, hbp_round="final",
                                hbp_group=gi)
-            _accumulate_grads(spec, vjp, per, vjp.cap_index, getattr(vjp, "shared", ()),
-                              vjp.diff, accumulate)
+            _accumulate_grads(vjp, per, vjp.cap_index, vjp.shared, vjp.diff, accumulate)
             if vjp.rdiff:
-                _accumulate_grads(spec, vjp, rper, vjp.rcap_index, getattr(vjp, "rshared", ()),
-                                  vjp.rdiff, accumulate)
+                _accumulate_grads(vjp, rper, vjp.rcap_index, vjp.rshared, vjp.rdiff, accumulate)
         for i, need in enumerate(needs_grad):
             if not need:
                 cap_grads[i] = None
