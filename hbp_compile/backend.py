@@ -13,6 +13,7 @@ from .analysis.plan import Segment, plan_streams
 from .capture import functional_aten_graph, joint_graph, restore_native_batch_norm
 from .codegen import compile_graph, count_block_vjps
 from .config import HBPConfig
+from .debug import dump_report, readable
 from .logs import enabled as log_enabled
 from .logs import log
 from .report import BlockReport, GraphReport, GroupReport, SkipReport, StreamReport
@@ -85,7 +86,6 @@ class HBPBackend:
 
     def _dump(self, report: GraphReport) -> None:
         if self.config.dump_dir is not None:
-            from .debug import dump_report
             dump_report(self.config.dump_dir, report)
 
     def _fall_back(self, report: GraphReport, reason: str, exc: Exception) -> None:
@@ -100,7 +100,7 @@ class HBPBackend:
     def _on_graph(self, report: GraphReport, name: str, g: fx.GraphModule) -> None:
         report.graphs[name] = g
         if log_enabled("graphs") and name in ("forward", "backward"):
-            log.info("graph %d %s:\n%s", report.index, name, _readable(g))
+            log.info("graph %d %s:\n%s", report.index, name, readable(g))
         if name == "backward":         # compiled lazily, at the first backward call
             counts = count_block_vjps(g)
             for s in report.streams:
@@ -153,10 +153,6 @@ class HBPBackend:
         if reason is not None and self.config.strict:
             raise HBPError(f"group of {group.size} blocks cannot be batched: {reason}")
         return reason is None, reason or ""
-
-
-def _readable(g) -> str:
-    return g.print_readable(print_output=False) if isinstance(g, fx.GraphModule) else str(g)
 
 
 def _try(fn, *args):

@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from hbp_compile.rewrite.scan import (reverse_cumsum, reverse_linear_scan,
-                                      reverse_linear_scan_loop, reverse_scan_scalar)
+from hbp_compile.rewrite.scan import reverse_cumsum, reverse_linear_scan, reverse_scan_scalar
 
 
 def loop(a, k):
@@ -23,7 +22,6 @@ def test_diagonal_scans_equal_the_loop(n):
     k = torch.rand(max(n - 1, 0), 3, 5, dtype=torch.float64) * 1.5   # |k| up to 1.5: no decay
     want = loop(a, k)
     torch.testing.assert_close(reverse_linear_scan(a, k), want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(reverse_linear_scan_loop(a, k), want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 64])

@@ -102,7 +102,7 @@ def _why_short(last: Block, sources: set) -> str:
     return ""
 
 
-def plan_streams(graph: fx.Graph, min_length: int = 1):
+def plan_streams(graph: fx.Graph, min_length: int = 2):
     """Find the streams of a graph and plan their segments; returns (segments, skips, n_steps)."""
     index = GraphIndex(graph)
     streams, unlinked = find_streams(graph, index)

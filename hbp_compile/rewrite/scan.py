@@ -54,12 +54,3 @@ def reverse_linear_scan(a: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         d *= 2
     return g
 
-
-def reverse_linear_scan_loop(a: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The same recurrence as a sequential loop: n - 1 dependent steps, no extra work."""
-    n = a.shape[0]
-    k = k.expand(n - 1, *a.shape[1:]) if n > 1 else k
-    rows = [a[n - 1]]
-    for l in range(n - 2, -1, -1):
-        rows.append(a[l] + k[l] * rows[-1])
-    return torch.stack(rows[::-1])
