@@ -10,6 +10,7 @@ import torch.fx as fx
 
 from .analysis.batching import batching_problem
 from .analysis.plan import Segment, plan_streams
+from .analysis.post_norm import restore_post_norms, split_post_norms
 from .capture import functional_aten_graph, joint_graph, restore_native_batch_norm
 from .codegen import compile_graph, count_block_vjps
 from .config import HBPConfig
@@ -115,6 +116,7 @@ class HBPBackend:
         report.graphs["captured"] = agm.print_readable(print_output=False)
         if cfg.dump_dir is not None:
             report.graphs["joint_original"] = _try(joint_graph, agm, example_inputs)
+        post_norms = split_post_norms(agm.graph)
         segments, skips, report.residual_steps = plan_streams(agm.graph, cfg.min_length)
         report.skipped = [SkipReport(s.node, s.reason) for s in skips]
         if cfg.strict and skips:
@@ -136,6 +138,7 @@ class HBPBackend:
         restore_native_batch_norm(agm.graph)
         _stable_topological_sort(agm.graph)    # readers of x_l may precede the new call
         agm.graph.eliminate_dead_code()
+        restore_post_norms(agm.graph, post_norms)
         agm.graph.lint()
         agm.recompile()
         report.graphs["rewritten"] = agm.print_readable(print_output=False)

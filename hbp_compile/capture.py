@@ -62,6 +62,16 @@ def _functional_batch_norm(input, weight, bias, running_mean, running_var, train
     return out, mean, rstd
 
 
+def _native_dropout(input, p, train):
+    """native_dropout (the fused kernel CUDA's F.dropout calls) as a bernoulli draw and a mul.
+
+    The draw is then an op of its own, which a block can save for its backward."""
+    if train is False or p == 0:
+        return input.clone(), torch.ones_like(input, dtype=torch.bool)
+    noise = torch.ops.aten.bernoulli.p(torch.empty_like(input), 1 - p)   # functional: the
+    return input * (noise / (1 - p)), noise.to(torch.bool)              # table runs unfunctionalized
+
+
 def _capture_decompositions():
     """Ops whose aten form hides a mutation, rewritten so that functionalization sees it.
 
@@ -69,9 +79,11 @@ def _capture_decompositions():
     Written as _native_batch_norm_legit_functional, the update becomes the op's extra outputs
     plus a copy_ into each buffer: the analysis sees block side outputs instead of
     a hidden side effect, and the kernel (so the forward's numbers) stays the one an exact
-    compile runs.
+    compile runs. native_dropout draws its mask inside the op; written out, the draw is a
+    node a block can save.
     """
-    return {torch.ops.aten.native_batch_norm.default: _functional_batch_norm}
+    return {torch.ops.aten.native_batch_norm.default: _functional_batch_norm,
+            torch.ops.aten.native_dropout.default: _native_dropout}
 
 
 def _functionalized(gm: fx.GraphModule):

@@ -12,19 +12,21 @@ from helpers import compiled, exact, max_rel_err, oracle_general, worst_param
 from models_general import (ElmanLoop, GatedMLP, GRUCellLoop, GRULoop, LayerScaleMLP,
                             LSTMLoop, PostActResNet, PostLNEncoder)
 
-# name -> (factory, stream length, residual kind)
+# name -> (factory, stream length, residual kind, the oracle's view of the model)
 MODELS = {
-    "post_act_resnet": (lambda: PostActResNet(n_blocks=4), 4, "relu-after-add"),
-    "gru_loop": (lambda: GRULoop(T=8), 8, "gated"),
-    "gru_cell_loop": (lambda: GRUCellLoop(T=8), 8, "gated"),
-    "gated_mlp": (lambda: GatedMLP(n_blocks=5), 5, "gated"),
-    "layerscale": (lambda: LayerScaleMLP(n_blocks=5), 5, "identity"),
-    "elman": (lambda: ElmanLoop(T=8), 8, "identity"),
+    "post_act_resnet": (lambda: PostActResNet(n_blocks=4), 4, "relu-after-add", {}),
+    "gru_loop": (lambda: GRULoop(T=8), 8, "gated", {}),
+    "gru_cell_loop": (lambda: GRUCellLoop(T=8), 8, "gated", {}),
+    "gated_mlp": (lambda: GatedMLP(n_blocks=5), 5, "gated", {}),
+    "layerscale": (lambda: LayerScaleMLP(n_blocks=5), 5, "identity", {}),
+    "elman": (lambda: ElmanLoop(T=8), 8, "identity", {}),
+    # BERT's LN(x + z) in the paper's algebra: mu, rstd of x + z are block outputs
+    "post_ln": (lambda: PostLNEncoder(n_layer=2), 4, "post-LN", {"paper_algebra": True}),
 }
 
 
 def build(name, batch=3):
-    factory, L, kind = MODELS[name]
+    factory, L, kind, _ = MODELS[name]
     model = factory().double()
     return model, model.example_inputs(batch), L, kind
 
@@ -52,21 +54,23 @@ def test_found_and_exact_at_L(name):
 def test_matches_general_oracle(name, k):
     torch.manual_seed(10 + k)
     model, inputs, L, _ = build(name)
-    _, want = oracle_general(model, inputs, k)
+    _, want = oracle_general(model, inputs, k, **MODELS[name][3])
     _, got, _ = compiled(model, inputs, k)
     assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
     _, exact_grads = exact(model, inputs)
     assert max_rel_err(got, exact_grads) > 1e-6          # the comparison above can fail
 
 
-@pytest.mark.parametrize("name,gamma", [("gated_mlp", 0.2), ("gru_loop", 0.2), ("gated_mlp", 1.0)])
+@pytest.mark.parametrize("name,gamma", [("gated_mlp", 0.2), ("gru_loop", 0.2), ("gated_mlp", 1.0),
+                                        ("post_ln", 0.8)])
 @pytest.mark.parametrize("k", [1, 2])
 def test_gamma_split_matches_oracle(name, gamma, k):
     """K -> (1 - gamma) K and + gamma K g in each block VJP; gamma = 1 is fixed-point iteration
-    (the oracle's gamma = 1 is checked against a direct fixed-point loop in its own tests)."""
+    (the oracle's gamma = 1 is checked against a direct fixed-point loop in its own tests).
+    post_ln at 0.8 is the paper's RoBERTa setting."""
     torch.manual_seed(20 + k)
     model, inputs, _, _ = build(name)
-    _, want = oracle_general(model, inputs, k, gamma=gamma)
+    _, want = oracle_general(model, inputs, k, gamma=gamma, **MODELS[name][3])
     _, got, _ = compiled(model, inputs, k, gamma=gamma)
     assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
 
@@ -82,10 +86,9 @@ def test_gru_loop_is_one_weight_shared_group_with_diagonal_scan():
     assert stream.vjps_per_round == {"1": 1, "2": 1, "final": 1}
 
 
-@pytest.mark.parametrize("factory", [lambda: LSTMLoop(T=6), lambda: PostLNEncoder(n_layer=2)],
-                         ids=["lstm", "post_ln"])
+@pytest.mark.parametrize("factory", [lambda: LSTMLoop(T=6)], ids=["lstm"])
 def test_unsupported_forms_stay_exact_and_say_why(factory):
-    """LSTM (block t reads o_{t-1}, not only c_{t-1}) and post-LN: exact backprop, reported."""
+    """LSTM (block t reads o_{t-1}, not only c_{t-1}): exact backprop, reported."""
     torch.manual_seed(4)
     model = factory().double()
     inputs = model.example_inputs(3)
@@ -124,3 +127,54 @@ def test_pre_ln_gpt_gamma_split(k):
     _, got, backend = compiled(model, inputs, k, gamma=0.2)
     assert "(1-gamma)" in backend.reports[0].streams[0].scan
     assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+
+
+def test_post_ln_blocks_and_module_paths():
+    """Two groups (attention, MLP) of n_layer blocks; each block holds its LayerNorm's statistics
+    and the embedding LayerNorm (no residual add under it) is left as the native op."""
+    torch.manual_seed(7)
+    model, inputs, L, _ = build("post_ln")
+    _, _, backend = compiled(model, inputs, 1)
+    (report,) = backend.reports
+    (stream,) = report.streams
+    assert [b.module_path for b in stream.blocks] == \
+        ["layers.0[attn, ln_1]", "layers.0[mlp, ln_2]", "layers.1[attn, ln_1]", "layers.1[mlp, ln_2]"]
+    assert [g.members for g in stream.groups] == [[0, 2], [1, 3]]
+    assert all(g.batched for g in stream.groups)
+    assert report.graphs["rewritten"].count("aten.native_layer_norm") == 1     # ln_emb
+
+
+def test_post_norm_left_out_of_streams_is_native_again():
+    """Post-LN steps that no stream takes (here: shorter than min_length) keep native_layer_norm,
+    and the stream beside them is still rewritten: gradients exact at k = L."""
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = GatedMLP(n_blocks=3)
+            self.enc = PostLNEncoder(n_layer=1)
+
+        def forward(self, x, idx, targets):
+            return self.mlp(x) + self.enc(idx, targets)
+
+    torch.manual_seed(8)
+    model = Model().double()
+    inputs = (*model.mlp.example_inputs(4), *model.enc.example_inputs(4))
+    _, want = exact(model, inputs)
+    _, got, backend = compiled(model, inputs, 3, min_length=3)
+    (report,) = backend.reports
+    assert [s.length for s in report.streams] == [3]
+    assert any("min_length=3" in s.reason for s in report.skipped)
+    assert report.graphs["rewritten"].count("aten.native_layer_norm") == 3   # ln_emb, ln_1, ln_2
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+
+
+def test_final_norm_of_a_pre_ln_stream_is_the_head():
+    """GPT's ln_f(x_{L-1} + z) closes a pre-LN stream: it stays in the head, not a post-LN step."""
+    from models import GPT
+
+    torch.manual_seed(9)
+    model = GPT(n_layer=2).double()
+    _, _, backend = compiled(model, model.example_inputs(2), 1)
+    (stream,) = backend.reports[0].streams
+    assert stream.residual_kind == "identity" and stream.length == 4

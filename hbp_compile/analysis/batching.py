@@ -52,7 +52,8 @@ def _traced_op_counts(gm: fx.GraphModule, vals, shared, n: int) -> collections.C
 
     args, in_dims = [], []
     for j, v in enumerate(vals):
-        stacked = isinstance(v, torch.Tensor) and (j == 0 or not shared[j - 1])
+        # x, and captures that differ per member, and the random draws after them are stacked
+        stacked = isinstance(v, torch.Tensor) and (j == 0 or j > len(shared) or not shared[j - 1])
         args.append(v.new_empty((n, *v.shape)) if stacked else v)
         in_dims.append(0 if stacked else None)
     batched = torch.func.vmap(vmappable(gm), in_dims=tuple(in_dims))

@@ -47,6 +47,7 @@ class Block:
     captures: list[fx.Node]             # inputs of the body other than x_l
     side_outputs: list[fx.Node]         # body values read outside the block
     side_differentiable: list[bool]     # can a gradient reach the side output from the loss?
+    randoms: list[fx.Node] = dataclasses.field(default_factory=list)  # drawn once, in forward
 
     @property
     def x(self) -> fx.Node:
@@ -120,6 +121,21 @@ def _reaches_output(node: fx.Node) -> bool:
     return False
 
 
+# Random ops whose outputs do not depend differentiably on their inputs (the inputs give a shape
+# or probabilities): the forward draws them, saves them, and the backward's templates read the
+# saved values (dropout masks). Random ops that transform data (a fused dropout-attention) cannot.
+SAVED_RANDOM_OPS = {
+    aten.bernoulli.p, aten.bernoulli.default, aten.bernoulli.Tensor, aten.rand_like.default,
+    aten.randn_like.default, aten.randint_like.default, aten.randint_like.low_dtype,
+    aten.rand.default, aten.randn.default,
+}
+
+
+def _is_random(node: fx.Node) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload) \
+        and torch.Tag.nondeterministic_seeded in node.target.tags and not _dropout_off(node)
+
+
 def _check_op(node: fx.Node) -> None:
     """Raise BlockError for ops a block template cannot hold."""
     if node.op != "call_function":
@@ -131,9 +147,11 @@ def _check_op(node: fx.Node) -> None:
     schema = node.target._schema
     if schema.is_mutable:
         raise BlockError(node, f"{node.target} mutates its input inside the block")
-    if torch.Tag.nondeterministic_seeded in node.target.tags and not _dropout_off(node):
-        # The backward re-runs the block: a random op reading x_l would draw new numbers.
-        raise BlockError(node, f"random op {node.target} reads the stream inside the block")
+    if _is_random(node) and node.target not in SAVED_RANDOM_OPS:
+        # The backward re-runs the block from saved inputs, and this op's draw cannot be saved
+        # apart from its data (SDPA's dropout_p > 0: use eager attention or dropout_p = 0).
+        raise BlockError(node, f"random op {node.target} transforms data inside the block; "
+                               f"its random draw cannot be saved for the backward")
 
 
 def _dropout_off(node: fx.Node) -> bool:
@@ -186,7 +204,8 @@ def extract_block(step: ResidualStep, index: GraphIndex) -> Block:
     residual = set(step.residual) | {step.node}
     side = [n for n in ordered if any(u not in body and u not in residual for u in n.users)]
     diff = [_is_float(n) and _reaches_output(n) for n in side]
-    return Block(step, ordered, captures, side, diff)
+    randoms = [n for n in ordered if _is_random(n)]
+    return Block(step, ordered, captures, side, diff, randoms)
 
 
 def _is_float(node: fx.Node) -> bool:

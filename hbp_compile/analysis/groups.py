@@ -35,9 +35,12 @@ def _meta_key(node, strides: bool = True) -> str:
 
 @dataclasses.dataclass
 class Template:
-    """A block as a GraphModule (x, *captures) -> (*zs, *side_outputs), and its signature.
+    """A block as a GraphModule (x, *captures, *randoms) -> (*zs, *side_outputs), its signature.
 
     `residual` is r as a GraphModule (x, *zs, *residual_caps) -> x_{l+1}; None for x + z.
+    A block that draws random numbers (dropout) has two forms: `forward` (x, *captures) ->
+    (*zs, *side_outputs, *randoms) draws them, and `gm` reads them as inputs, so every VJP of the
+    backward sees the masks the forward used.
     """
 
     gm: fx.GraphModule
@@ -45,39 +48,56 @@ class Template:
     summary: str
     n_z: int = 1
     residual: Optional[fx.GraphModule] = None
+    forward: Optional[fx.GraphModule] = None
+    n_random: int = 0
+
+
+def _copy_body(block: Block, draw: bool) -> fx.GraphModule:
+    """The block's body as a graph; random draws are kept and returned (draw) or read as inputs."""
+    graph = fx.Graph()
+    env = {block.x: graph.placeholder("x")}
+    for j, cap in enumerate(block.captures):
+        env[cap] = graph.placeholder(f"cap{j}")
+    if not draw:
+        for j, rnd in enumerate(block.randoms):
+            env[rnd] = graph.placeholder(f"random{j}")
+    for node, ph in env.items():
+        ph.meta["val"] = node.meta.get("val")
+    for node in block.body:
+        if node in env:
+            continue
+        env[node] = graph.node_copy(node, lambda a: env[a])
+        if env[node].target in _VIEW_TO_RESHAPE:
+            env[node].target = aten.reshape.default
+    outputs = list(block.zs) + block.side_outputs + (block.randoms if draw else [])
+    graph.output(tuple(env[o] for o in outputs))
+    graph.eliminate_dead_code()            # what fed only the draws (empty_like) goes
+    return fx.GraphModule(torch.nn.Module(), graph)
 
 
 def outline(block: Block) -> Template:
     """Copy a block's body into its own graph; the signature names its structure, not its nodes."""
-    graph = fx.Graph()
-    env = {block.x: graph.placeholder("x")}
     local = {block.x: "x"}
-    for j, cap in enumerate(block.captures):
-        env[cap] = graph.placeholder(f"cap{j}")
-        local[cap] = f"cap{j}"
-    for node, ph in env.items():
-        ph.meta["val"] = node.meta.get("val")
+    local.update({cap: f"cap{j}" for j, cap in enumerate(block.captures)})
     # x's strides are left out: the backward stacks the states, so they arrive contiguous
     # (a stream starting from h0.expand(B, -1) still batches its first step with the rest)
     key = [("x", _meta_key(block.x, strides=False))] + \
         [(local[c], _meta_key(c)) for c in block.captures]
     for i, node in enumerate(block.body):
-        env[node] = graph.node_copy(node, lambda a: env[a])
-        if env[node].target in _VIEW_TO_RESHAPE:
-            env[node].target = aten.reshape.default
         local[node] = f"n{i}"
         args = fx.node.map_arg((node.args, node.kwargs), lambda a: local[a])
         key.append((str(node.target), repr(args), _meta_key(node)))
     outputs = list(block.zs) + block.side_outputs
-    graph.output(tuple(env[o] for o in outputs))
-    key.append(("out", tuple(local[o] for o in outputs), tuple(block.side_differentiable)))
+    key.append(("out", tuple(local[o] for o in outputs), tuple(block.side_differentiable),
+                tuple(local[r] for r in block.randoms)))
     residual = None
     if not block.step.identity:
         residual, rkey = _outline_residual(block)
         key.append(("residual", rkey))
     signature = hashlib.sha1(repr(key).encode()).hexdigest()[:12]
-    return Template(fx.GraphModule(torch.nn.Module(), graph), signature, _summary(block),
-                    len(block.zs), residual)
+    return Template(_copy_body(block, draw=False), signature, _summary(block), len(block.zs),
+                    residual, _copy_body(block, draw=True) if block.randoms else None,
+                    len(block.randoms))
 
 
 def _outline_residual(block: Block):
@@ -111,7 +131,8 @@ def _summary(block: Block) -> str:
     heavy = [op for op in ops if op in _HEAVY_OPS]
     x = block.x.meta.get("val")
     shape = f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}" if isinstance(x, torch.Tensor) else "?"
-    return f"{len(block.body)} ops ({', '.join(heavy) or 'elementwise'}), x {shape}"
+    drawn = f", {len(block.randoms)} random draw(s) saved for the backward" if block.randoms else ""
+    return f"{len(block.body)} ops ({', '.join(heavy) or 'elementwise'}), x {shape}{drawn}"
 
 
 _HEAVY_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "convolution", "native_layer_norm",

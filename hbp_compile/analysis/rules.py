@@ -15,6 +15,10 @@ import torch.fx as fx
 
 aten = torch.ops.aten
 
+# node.meta keys set by graph rewrites that prepare steps for the rules (post_norm.py)
+NOT_A_STEP = "hbp_not_a_step"        # an add that only looks like x + z (a norm's statistics)
+KIND = "hbp_residual_kind"           # the residual kind to report for a step's output node
+
 
 @dataclasses.dataclass(frozen=True)
 class ResidualStep:
@@ -93,7 +97,7 @@ def identity_residual(node: fx.Node, index: GraphIndex) -> Optional[ResidualStep
 
     The branch must reach x_l through a matmul, convolution or attention: GELU's
     x + 0.044715 x^3 is no residual step."""
-    if node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2:
+    if node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2 or node.meta.get(NOT_A_STEP):
         return None
     a, b = node.args
     out = tensor_meta(node)
@@ -174,7 +178,8 @@ def elementwise_residual(node: fx.Node, index: GraphIndex) -> Optional[ResidualS
             continue
         caps = [l for l in leaves if l is not x and l not in zs]
         ordered = tuple(sorted(cone, key=index.pos.__getitem__))
-        return ResidualStep(node, x, tuple(zs), _kind_name(ordered), ordered, tuple(caps))
+        kind = node.meta.get(KIND) or _kind_name(ordered)
+        return ResidualStep(node, x, tuple(zs), kind, ordered, tuple(caps))
     return None
 
 

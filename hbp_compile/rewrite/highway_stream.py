@@ -40,7 +40,7 @@ def annotate(**tags):
 class GroupSpec:
     """How the backward runs one group of identical blocks."""
 
-    template: fx.GraphModule            # (x, *caps) -> (*zs, *side_outputs)
+    template: fx.GraphModule            # (x, *caps, *randoms) -> (*zs, *side_outputs)
     members: tuple[int, ...]            # block positions l
     shared: tuple[bool, ...]            # per capture: one value for all members
     batched: bool                       # one vmapped VJP per round (else one VJP per member)
@@ -48,6 +48,8 @@ class GroupSpec:
     n_z: int = 1                        # block outputs the residual function reads
     residual: Optional[fx.GraphModule] = None    # r(x, *zs, *rcaps); None: x + z
     residual_shared: tuple[bool, ...] = ()
+    forward: Optional[fx.GraphModule] = None     # (x, *caps) -> (..., *randoms): draws them
+    n_random: int = 0                   # random draws per block (dropout masks), saved
 
 
 @dataclasses.dataclass
@@ -115,7 +117,7 @@ def _stack_args(values_of, members, shared, caps):
 class _GroupVJP:
     """The linearised blocks (and residual functions) of one group: one vjp_fn when batched."""
 
-    def __init__(self, spec: StreamSpec, gi: int, xs, caps, needs_grad):
+    def __init__(self, spec: StreamSpec, gi: int, xs, caps, randoms, needs_grad):
         g = spec.groups[gi]
         self.group, self.members = g, list(g.members)
         self.cap_index = [spec.block_caps[l] for l in self.members]
@@ -148,6 +150,9 @@ class _GroupVJP:
 
         if g.batched:
             full, dims = _stack_args(lambda l: spec.block_caps[l], self.members, g.shared, caps)
+            for j in range(g.n_random):          # each member's own draws, stacked
+                full.append(torch.stack([randoms[l][j] for l in self.members]))
+                dims.append(0)
             self.shared, self.rshared = [d is None for d in dims], ()
             block = torch.func.vmap(vmappable(g.template), in_dims=(0, *dims))
             X = torch.stack([xs[l] for l in self.members])           # (n, *x.shape)
@@ -166,7 +171,7 @@ class _GroupVJP:
             self.fns, self.rfns, Ks = [], [], []
             for l, bc, rc in zip(self.members, self.cap_index, self.rcap_index):
                 outs, fn = linearize(lambda x, *a: select(g.template(x, *a)), xs[l],
-                                     [caps[i] for i in bc], self.diff)
+                                     [caps[i] for i in bc] + list(randoms[l]), self.diff)
                 self.fns.append(fn)
                 if g.residual is not None:
                     y, rfn = linearize(lambda x, *a: g.residual(x, *a), xs[l],
@@ -224,10 +229,16 @@ class HighwayStream(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: StreamSpec, x0: torch.Tensor, *caps):
-        x, xs, sides = x0, [x0], []
+        x, xs, sides, randoms = x0, [x0], [], []
         for l in range(spec.length):
             group = spec.groups[spec.block_group[l]]
-            outs = group.template(x, *[caps[i] for i in spec.block_caps[l]])
+            block_caps = [caps[i] for i in spec.block_caps[l]]
+            if group.forward is not None:        # draws its random numbers; they are saved
+                outs = group.forward(x, *block_caps)
+                randoms.extend(outs[len(outs) - group.n_random:])
+                outs = outs[:len(outs) - group.n_random]
+            else:
+                outs = group.template(x, *block_caps)
             zs = outs[:group.n_z]
             if group.residual is None:
                 x = x + zs[0]                                    # identity residual function
@@ -242,7 +253,7 @@ class HighwayStream(torch.autograd.Function):
                        for i, c in enumerate(caps) if isinstance(c, torch.Tensor)]
         ctx.cap_is_tensor = [isinstance(c, torch.Tensor) for c in caps]
         ctx.other_caps = [c for c in caps if not isinstance(c, torch.Tensor)]
-        ctx.save_for_backward(*xs[:-1], *tensor_caps)
+        ctx.save_for_backward(*xs[:-1], *randoms, *tensor_caps)
         ctx.mark_non_differentiable(*[s for s, (_, _, d) in zip(sides, spec.side_layout()) if not d])
         return tuple(xs[l] for l in spec.state_outputs) + tuple(sides)
 
@@ -251,7 +262,10 @@ class HighwayStream(torch.autograd.Function):
         spec, L = ctx.spec, ctx.spec.length
         saved = ctx.saved_tensors
         xs = list(saved[:L])
-        tensor_caps, other = iter(saved[L:]), iter(ctx.other_caps)
+        drawn, randoms = iter(saved[L:]), []
+        for l in range(L):
+            randoms.append([next(drawn) for _ in range(spec.groups[spec.block_group[l]].n_random)])
+        tensor_caps, other = iter(saved[L + sum(map(len, randoms)):]), iter(ctx.other_caps)
         caps = [next(tensor_caps) if t else next(other) for t in ctx.cap_is_tensor]
         needs_grad = ctx.needs_input_grad[2:]
         n_states = len(spec.state_outputs)
@@ -270,7 +284,8 @@ class HighwayStream(torch.autograd.Function):
             if d:
                 side_cot.setdefault(l, []).append(g)
 
-        vjps = [_GroupVJP(spec, gi, xs, caps, needs_grad) for gi in range(len(spec.groups))]
+        vjps = [_GroupVJP(spec, gi, xs, caps, randoms, needs_grad)
+                for gi in range(len(spec.groups))]
 
         def group_cotangents(G, vjp):
             cot_y = _rows(G, [l + 1 for l in vjp.members])

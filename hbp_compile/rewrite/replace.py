@@ -48,6 +48,7 @@ def build_spec(name: str, blocks: list[Block], groups: list[Group], batched: lis
             template=g.template.gm, members=tuple(g.members), shared=tuple(g.shared),
             batched=b, side_differentiable=tuple(blocks[g.members[0]].side_differentiable),
             n_z=g.template.n_z, residual=g.template.residual,
+            forward=g.template.forward, n_random=g.template.n_random,
             residual_shared=tuple(g.residual_shared)))
     mutated = frozenset(i for i, c in enumerate(caps)
                         if any(u.target is aten.copy_.default and u.args[0] is c for u in c.users))
