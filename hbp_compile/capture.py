@@ -129,10 +129,39 @@ def functional_aten_graph(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
             fake.item_memo = ev.item_memo
     with fake_mode, torch.no_grad(), torch.fx.traceback.preserve_node_meta():
         agm = make_fx(_functionalized(gm), decomposition_table=_capture_decompositions())(*fakes)
+    _rederive_rrelu(agm.graph)
     # Multi-output ops leave unused getitems behind; they would break the block closure check.
     agm.graph.eliminate_dead_code()
     agm.recompile()
     return agm
+
+
+def _rederive_rrelu(graph: fx.Graph) -> None:
+    """rrelu_with_noise_functional(x, ...)[0] -> x * noise_out, the op run on x.detach().
+
+    Functionalization turns F.rrelu(training=True) into rrelu_with_noise_functional, whose
+    derivative formula (torch 2.11-2.13) reads the noise *input*, an uninitialised buffer, not
+    the noise it drew: AOTAutograd would differentiate the captured graph to garbage. The op's
+    output is x * noise_out bit for bit, and that product differentiates right.
+    """
+    aten = torch.ops.aten
+    op = getattr(aten, "rrelu_with_noise_functional", None)
+    for node in list(graph.nodes):
+        if op is None or node.target is not op.default:
+            continue
+        x = node.args[0]
+        with graph.inserting_before(node):
+            node.args = (graph.call_function(aten.detach.default, (x,)), *node.args[1:])
+        for out in [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]:
+            with graph.inserting_after(out):
+                noise = graph.call_function(operator.getitem, (node, 1))
+            with graph.inserting_after(noise):
+                prod = graph.call_function(aten.mul.Tensor, (x, noise))
+            prod.meta = dict(out.meta)
+            noise.meta = {"val": node.meta["val"][1]} if "val" in node.meta else {}
+            out.replace_all_uses_with(prod)
+            graph.erase_node(out)
+        node.args[0].meta["val"] = x.meta.get("val")
 
 
 def joint_graph(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:

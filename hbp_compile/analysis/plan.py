@@ -91,14 +91,18 @@ def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips:
     return segments
 
 
-def _why_short(last: Block, sources: set) -> str:
-    """Name the op between a residual add and the next one, if that is why the stream ends."""
-    for user in last.step.node.users:
-        hops = [user] + [u for u in user.users if u.target is operator.getitem]
-        if any(h in sources for h in hops):
-            return (f"; the stream passes through {user.target} after the add (a post-norm "
-                    f"or an activation after the residual add: not a residual function the "
-                    f"pass knows yet)")
+def _why_short(last: Block, sources: set, depth: int = 12) -> str:
+    """Name the ops between a residual add and the next stream, if that is why the stream ends."""
+    add = last.step.node
+    seen, frontier = set(), [add]
+    for _ in range(depth):                      # does the add reach another stream's x_0?
+        frontier = [u for n in frontier for u in n.users if u not in seen]
+        seen.update(frontier)
+        if any(n in sources for n in frontier):
+            ops = ", ".join(dict.fromkeys(str(u.target) for u in add.users))
+            return (f"; the stream passes through {ops} after the add (a post-norm or an "
+                    f"activation after the residual add that is not a residual function the "
+                    f"pass knows)")
     return ""
 
 
