@@ -128,7 +128,7 @@ class HBPBackend:
             name = f"hbp_stream_{report.index}_{len(report.streams)}"
             batched, reasons = zip(*[self._batching(g) for g in seg.groups])
             spec, caps = build_spec(name, seg.blocks, seg.groups, list(batched),
-                                    cfg.iters, cfg.gamma)
+                                    cfg.iters, cfg.gamma, cfg.scan)
             replace_stream(agm.graph, spec, seg.blocks, caps, renamed)
             report.streams.append(_stream_report(name, seg, spec, batched, reasons))
             _count("streams_rewritten")
@@ -187,12 +187,13 @@ def _stream_report(name, seg: Segment, spec, batched, reasons) -> StreamReport:
     if spec.gamma == 1:
         scan = "none (gamma=1: fixed-point iteration)"
     elif not spec.identity:
-        scan = "log-depth diagonal scan, K_l = dr/dx_l" + \
+        scan = f"{spec.scan} diagonal scan, K_l = dr/dx_l" + \
             (f" x (1-gamma)={1 - spec.gamma:g}" if spec.gamma else "")
     else:
         scan = "reverse cumsum" if spec.gamma == 0 else \
-            f"log-depth scan, K=(1-gamma)I={1 - spec.gamma:g}I"
+            f"{spec.scan} scan, K=(1-gamma)I={1 - spec.gamma:g}I"
     return StreamReport(name=name, length=len(seg.blocks), residual_kind=seg.kind,
                         x0=seg.x0.name, blocks=blocks, groups=groups,
                         injections=[l for l in spec.state_outputs if l < spec.length],
-                        side_outputs=sum(len(b.side_outputs) for b in seg.blocks), scan=scan)
+                        side_outputs=sum(len(b.side_outputs) for b in seg.blocks), scan=scan,
+                        split=seg.split)

@@ -7,6 +7,7 @@ import os
 from typing import Optional
 
 CODEGENS = ("inductor", "eager")
+SCANS = ("auto", "sequential", "log-depth")      # rewrite.scan.choose_scan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +20,7 @@ class HBPConfig:
     strict: bool = False            # raise instead of falling back to exact backprop
     batched: bool = True            # one VJP per group of identical blocks per round
     min_length: int = 2             # shortest stream to rewrite (a lone add is often no residual)
+    scan: str = "auto"              # diagonal scan: "sequential", "log-depth", or by length
     dump_dir: Optional[str] = None  # where to write graphs and reports (not in the cache key)
 
     def __post_init__(self):
@@ -34,6 +36,8 @@ class HBPConfig:
                 raise ValueError(f"hbp_backend: {name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.min_length, bool) or not isinstance(self.min_length, int) or self.min_length < 1:
             raise ValueError(f"hbp_backend: min_length must be an int >= 1, got {self.min_length!r}")
+        if self.scan not in SCANS:
+            raise ValueError(f"hbp_backend: scan must be one of {SCANS}, got {self.scan!r}")
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
             raise ValueError(f"hbp_backend: dump_dir must be a path or None, got {self.dump_dir!r}")
         object.__setattr__(self, "gamma", float(self.gamma))

@@ -43,6 +43,7 @@ class StreamReport:
     side_outputs: int
     scan: str
     vjps_per_round: dict = dataclasses.field(default_factory=dict)   # filled from the bw graph
+    split: str = ""                 # where the chain goes on through a non-residual step
 
 
 @dataclasses.dataclass
@@ -109,6 +110,8 @@ class GraphReport:
                 where = b.module_path or "?"
                 lines.append(f"    block {b.index:>3} group {b.group}  {where:<28} "
                              f"%{b.first} .. %{b.last} ({b.n_ops} ops)")
+            if s.split:
+                lines.append(f"    {s.split}")
             if s.vjps_per_round:
                 per = ", ".join(f"{r}: {n}" for r, n in s.vjps_per_round.items())
                 lines.append(f"    block VJPs in the backward graph per round: {per}")

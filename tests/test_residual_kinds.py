@@ -178,3 +178,59 @@ def test_final_norm_of_a_pre_ln_stream_is_the_head():
     _, _, backend = compiled(model, model.example_inputs(2), 1)
     (stream,) = backend.reports[0].streams
     assert stream.residual_kind == "identity" and stream.length == 4
+
+
+@pytest.mark.parametrize("scan", ["sequential", "log-depth"])
+def test_both_scans_match_the_oracle(scan):
+    """scan= forces one form of the diagonal scan; "auto" picks by length (choose_scan)."""
+    from hbp_compile.rewrite.scan import choose_scan
+
+    torch.manual_seed(11)
+    model, inputs, L, _ = build("gru_loop")
+    _, want = oracle_general(model, inputs, 2)
+    _, got, backend = compiled(model, inputs, 2, scan=scan)
+    assert backend.reports[0].streams[0].scan.startswith(scan)
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+    torch._dynamo.reset()
+    _, _, backend = compiled(model, inputs, 2)
+    assert backend.reports[0].streams[0].scan.startswith(choose_scan(L + 1, "cpu"))
+
+
+class StagedResNet(torch.nn.Module):
+    """Two stages of relu(x + f(x)) blocks joined by a projection block relu(P x + f(x)) that
+    halves the resolution: the chain is split there."""
+
+    def __init__(self, c=4, n=2):
+        super().__init__()
+        nn = torch.nn
+
+        def branch(cin, cout, stride=1):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.Tanh(),
+                                 nn.Conv2d(cout, cout, 3, 1, 1))
+
+        self.stage1 = nn.ModuleList(branch(c, c) for _ in range(n))
+        self.down, self.proj = branch(c, 2 * c, 2), nn.Conv2d(c, 2 * c, 1, 2)
+        self.stage2 = nn.ModuleList(branch(2 * c, 2 * c) for _ in range(n))
+
+    def forward(self, x):
+        for f in self.stage1:
+            x = torch.relu(x + f(x))
+        x = torch.relu(self.proj(x) + self.down(x))
+        for f in self.stage2:
+            x = torch.relu(x + f(x))
+        return x.pow(2).mean()
+
+
+def test_projection_shortcut_splits_the_chain_and_is_reported():
+    torch.manual_seed(12)
+    model = StagedResNet().double()
+    inputs = (torch.randn(2, 4, 8, 8, dtype=torch.double),)
+    _, want = exact(model, inputs)
+    _, got, backend = compiled(model, inputs, 2)
+    (report,) = backend.reports
+    assert [(s.length, s.residual_kind) for s in report.streams] == [(2, "relu-after-add")] * 2
+    assert "split after x_L" in report.streams[0].split and "convolution" in report.streams[0].split
+    assert any("projection shortcut" in s.reason for s in report.skipped)
+    assert report.coverage == pytest.approx(4 / 5)
+    assert "split after x_L" in str(report)
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from hbp_compile.rewrite.scan import reverse_cumsum, reverse_linear_scan, reverse_scan_scalar
+from hbp_compile.rewrite.scan import (reverse_cumsum, reverse_linear_scan,
+                                      reverse_linear_scan_sequential, reverse_scan_scalar)
 
 
 def loop(a, k):
@@ -22,6 +23,7 @@ def test_diagonal_scans_equal_the_loop(n):
     k = torch.rand(max(n - 1, 0), 3, 5, dtype=torch.float64) * 1.5   # |k| up to 1.5: no decay
     want = loop(a, k)
     torch.testing.assert_close(reverse_linear_scan(a, k), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reverse_linear_scan_sequential(a, k), want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 64])
@@ -31,5 +33,7 @@ def test_scalar_scan_and_cumsum_equal_the_loop(n, decay):
     a = torch.randn(n, 4, dtype=torch.float64)
     want = loop(a, torch.full((max(n - 1, 0), 4), decay, dtype=torch.float64))
     torch.testing.assert_close(reverse_scan_scalar(a, decay), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reverse_linear_scan_sequential(a, decay), want, rtol=1e-12,
+                               atol=1e-12)
     if decay == 1.0:
         torch.testing.assert_close(reverse_cumsum(a), want, rtol=1e-12, atol=1e-12)

@@ -4,12 +4,15 @@ from __future__ import annotations
 import dataclasses
 import operator
 
+import torch
 import torch.fx as fx
 
 from .blocks import Block, BlockError, extract_block
 from .groups import Group, Template, group_blocks, outline
-from .rules import GraphIndex, ResidualStep
+from .rules import HEAVY_OPS, GraphIndex, ResidualStep
 from .streams import Stream, find_streams
+
+aten = torch.ops.aten
 
 
 @dataclasses.dataclass
@@ -29,6 +32,11 @@ class Segment:
     templates: list[Template]
     groups: list[Group]
     kind: str
+    split: str = ""             # where the stream continues after x_L through a non-residual op
+
+    @property
+    def xL(self) -> fx.Node:
+        return self.blocks[-1].step.node
 
     @property
     def x0(self) -> fx.Node:
@@ -138,4 +146,44 @@ def plan_streams(graph: fx.Graph, min_length: int = 2):
     nested = {s.node.name for st in streams for s in st.steps if s.node in inner}
     skips = [s for s in skips if s.node not in nested]
     n_steps = sum(1 for st in streams for s in st.steps if s.node not in inner) + len(loose)
+    for seg in segments:
+        seg.split, projections = _split_after(seg, {s.x0: s for s in segments if s is not seg},
+                                              index)
+        for add in projections:               # a residual block whose shortcut is no identity
+            skips.append(Skip(add.name, "residual block with a projection shortcut (both sides "
+                                        "of the add transform x_l: K_l is dense); the chain is "
+                                        "split here and this block runs exact backprop"))
+            n_steps += 1
     return segments, skips, n_steps
+
+
+def _split_after(seg: Segment, starts: dict, index: GraphIndex,
+                 depth: int = 60) -> tuple[str, list]:
+    """If x_L reaches another segment's x_0 through ops that are no residual step (a projection
+    shortcut, a downsampling), say so: the chain is split there and that part runs exact.
+    Also returns the adds on that path that join two transformed copies of x_L (projection
+    residual blocks), which count as residual blocks left to exact backprop."""
+    seen, frontier = set(), [seg.xL]
+    for _ in range(depth):
+        frontier = [u for n in frontier for u in n.users if u not in seen and u.op != "output"]
+        seen.update(frontier)
+        hit = next((n for n in frontier if n in starts), None)
+        if hit is not None:
+            path, stack = set(), [hit]          # the nodes between x_L and hit
+            while stack:
+                n = stack.pop()
+                if n not in path and index.pos[n] > index.pos[seg.xL] \
+                        and index.depends_on(n, seg.xL):
+                    path.add(n)
+                    stack.extend(n.all_input_nodes)
+            ops = [str(n.target).replace("aten.", "").split(".")[0] for n in path
+                   if n.op == "call_function" and n.target in HEAVY_OPS]
+            via = ", ".join(dict.fromkeys(ops)) or "no matmul or convolution"
+            projections = [n for n in path if n.target is aten.add.Tensor
+                           and all(isinstance(a, fx.Node) and a in path for a in n.args)]
+            return (f"split after x_L: the chain goes on to x_0 = %{hit.name} through a step that "
+                    f"is no residual function ({via}; e.g. a projection shortcut or a "
+                    f"downsampling), which runs exact backprop"), projections
+        if not frontier:
+            break
+    return "", []

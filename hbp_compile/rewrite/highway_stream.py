@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from ..analysis.batching import vmappable
-from .scan import reverse_linear_scan, reverse_scan_scalar
+from .scan import reverse_linear_scan, reverse_linear_scan_sequential, reverse_scan_scalar
 
 try:                                    # node annotations, to find each VJP in the graphs
     from torch.fx.traceback import annotate as _annotate
@@ -65,6 +65,7 @@ class StreamSpec:
     iters: int
     gamma: float
     mutated_caps: frozenset = frozenset()  # captures the graph writes to later (copy_)
+    scan: str = "log-depth"              # "sequential" or "log-depth" (scan.choose_scan)
     residual_caps: tuple = ()            # block l's residual-function captures (indices)
 
     @property
@@ -294,10 +295,13 @@ class HighwayStream(torch.autograd.Function):
             return cot_y, cot_s
 
         decay = 1.0 - spec.gamma
+        sequential = spec.scan == "sequential"
         if spec.identity:
             K = None
 
             def scan(A):
+                if sequential and decay not in (0.0, 1.0):
+                    return reverse_linear_scan_sequential(A, decay)
                 return reverse_scan_scalar(A, decay)
         else:                           # K_l = dr/dx_l, (L, *x.shape); 1 for x + z steps
             one = torch.ones_like(x0)
@@ -305,6 +309,8 @@ class HighwayStream(torch.autograd.Function):
                                   L, one)[:L]
 
             def scan(A):
+                if sequential:
+                    return reverse_linear_scan_sequential(A, decay * K)
                 return reverse_linear_scan(A, decay * K)
 
         G = scan(E)                                              # round 0

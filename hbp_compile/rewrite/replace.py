@@ -9,6 +9,7 @@ import torch.fx as fx
 from ..analysis.blocks import Block
 from ..analysis.groups import Group
 from .highway_stream import GroupSpec, HighwayStream, StreamSpec
+from .scan import choose_scan
 
 aten = torch.ops.aten
 
@@ -25,7 +26,7 @@ def state_outputs(blocks: list[Block]) -> tuple[int, ...]:
 
 
 def build_spec(name: str, blocks: list[Block], groups: list[Group], batched: list[bool],
-               iters: int, gamma: float) -> tuple[StreamSpec, list]:
+               iters: int, gamma: float, scan: str = "auto") -> tuple[StreamSpec, list]:
     """The StreamSpec of a stream and the flat list of captured graph values it takes."""
     caps: list = []
     slot: dict = {}
@@ -56,8 +57,14 @@ def build_spec(name: str, blocks: list[Block], groups: list[Group], batched: lis
                       block_caps=tuple(block_caps), residual_caps=tuple(residual_caps),
                       groups=tuple(group_specs),
                       state_outputs=state_outputs(blocks), iters=iters, gamma=gamma,
-                      mutated_caps=mutated)
+                      mutated_caps=mutated,
+                      scan=choose_scan(len(blocks) + 1, _device_type(blocks[0].x), scan))
     return spec, caps
+
+
+def _device_type(node: fx.Node) -> str:
+    val = node.meta.get("val")
+    return val.device.type if isinstance(val, torch.Tensor) else "cpu"
 
 
 def replace_stream(graph: fx.Graph, spec: StreamSpec, blocks: list[Block], caps: list,

@@ -1,6 +1,9 @@
 """Scans along the residual path: solve g_l = c * g_{l+1} + a_l backwards in l.
 
-Written with plain torch ops so that AOTAutograd traces them and Inductor compiles them.
+Written with plain torch ops so that AOTAutograd traces them and Inductor compiles them. Two
+forms of the diagonal scan: a sequential loop (n - 1 small fused multiply-adds, n - 1 dependent
+steps, the least arithmetic) and a Hillis-Steele doubling scan (log2(n) steps of O(n) work).
+`choose_scan` picks one by stream length, from thresholds measured by benchmarks/bench_scan.py.
 """
 from __future__ import annotations
 
@@ -54,3 +57,30 @@ def reverse_linear_scan(a: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         d *= 2
     return g
 
+
+
+def reverse_linear_scan_sequential(a: torch.Tensor, k) -> torch.Tensor:
+    """reverse_linear_scan as the plain recurrence: n - 1 dependent steps, no extra work."""
+    n = a.shape[0]
+    rows = [None] * n
+    rows[n - 1] = a[n - 1]
+    for l in range(n - 2, -1, -1):
+        kl = k[l] if isinstance(k, torch.Tensor) and k.dim() == a.dim() else k
+        rows[l] = a[l] + kl * rows[l + 1]
+    return torch.stack(rows)
+
+
+# Longest stream (L + 1 positions) that scans sequentially under scan="auto", per device type.
+# Measured by benchmarks/bench_scan.py (results/bench_scan_<device>.json): on CPU the loop's
+# n - 1 small steps cost less than doubling's n log2(n) work up to about this length, and its
+# unrolled graph stays cheap to compile. No GPU measurement yet: there launches dominate, so
+# doubling (log2(n) fused steps) is assumed from short lengths on.
+SEQUENTIAL_MAX = {"cpu": 64, "cuda": 8}
+SCANS = ("auto", "sequential", "log-depth")
+
+
+def choose_scan(n: int, device_type: str, scan: str = "auto") -> str:
+    """"sequential" or "log-depth" for a scan over n positions on this device type."""
+    if scan != "auto":
+        return scan
+    return "sequential" if n <= SEQUENTIAL_MAX.get(device_type, 8) else "log-depth"
