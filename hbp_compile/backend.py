@@ -186,6 +186,10 @@ def _stream_report(name, seg: Segment, spec, batched, reasons) -> StreamReport:
               for gi, g in enumerate(seg.groups)]
     if spec.gamma == 1:
         scan = "none (gamma=1: fixed-point iteration)"
+    elif spec.width > 1:
+        m = spec.width
+        scan = f"{spec.scan} scan with {m}x{m} K_l = dr/dx_l per coordinate (x_l has {m} " \
+            f"components)" + (f" x (1-gamma)={1 - spec.gamma:g}" if spec.gamma else "")
     elif not spec.identity:
         scan = f"{spec.scan} diagonal scan, K_l = dr/dx_l" + \
             (f" x (1-gamma)={1 - spec.gamma:g}" if spec.gamma else "")
@@ -194,6 +198,6 @@ def _stream_report(name, seg: Segment, spec, batched, reasons) -> StreamReport:
             f"{spec.scan} scan, K=(1-gamma)I={1 - spec.gamma:g}I"
     return StreamReport(name=name, length=len(seg.blocks), residual_kind=seg.kind,
                         x0=seg.x0.name, blocks=blocks, groups=groups,
-                        injections=[l for l in spec.state_outputs if l < spec.length],
+                        injections=sorted({l for l, _ in spec.state_outputs if l < spec.length}),
                         side_outputs=sum(len(b.side_outputs) for b in seg.blocks), scan=scan,
                         split=seg.split)

@@ -86,17 +86,125 @@ def test_gru_loop_is_one_weight_shared_group_with_diagonal_scan():
     assert stream.vjps_per_round == {"1": 1, "2": 1, "final": 1}
 
 
-@pytest.mark.parametrize("factory", [lambda: LSTMLoop(T=6)], ids=["lstm"])
-def test_unsupported_forms_stay_exact_and_say_why(factory):
-    """LSTM (block t reads o_{t-1}, not only c_{t-1}): exact backprop, reported."""
-    torch.manual_seed(4)
-    model = factory().double()
+def lstm_stream_from_step_1(model, x):
+    """LSTMLoop as the pass sees it. Step 1's gates read h0, not c0, so it is no residual step
+    of c and stays in the prelude; from there x_t = [c_t, h_t] (models_general's "ch" view)
+    with K_t = [[f, 0], [o tanh'(c') f, 0]] per coordinate, and the loss on every h_t."""
+    B, H = x.size(0), model.hidden
+    h0, c0 = model.h0.expand(B, -1), model.c0.expand(B, -1)
+    i, f, g, o = model.gates(x[:, 0], h0)
+    c1 = f * c0 + i * g
+
+    def residual(s, i, f, g, o):
+        c = f * s[:, :H] + i * g
+        return torch.cat([c, o * torch.tanh(c)], -1)
+
+    steps = [(lambda s, x_t=x[:, t]: model.gates(x_t, s[:, H:]), residual)
+             for t in range(1, x.size(1))]
+    x0 = torch.cat([c1, o * torch.tanh(c1)], -1)
+    return [(x0, steps)], lambda states: model._loss([s[:, H:] for s in states[0]])
+
+
+def lstm_oracle(model, inputs, k):
+    from helpers import clone_inputs, grads_of
+    from oracle_general import highway_backward_general
+
+    m = copy.deepcopy(model)
+    xs = clone_inputs(inputs)
+    streams, head = lstm_stream_from_step_1(m, *xs)
+    loss, _ = highway_backward_general(streams, head, k)
+    return loss, grads_of(m, xs)
+
+
+@pytest.mark.parametrize("T", [6, 12])
+def test_lstm_state_widened_to_c_and_h_exact_at_L(T):
+    """The cell state chain c_{t+1} = f c_t + i g alone would have block t read o_{t-1} from
+    block t-1; the state becomes (c_t, h_t): one stream, one weight-shared group, per-step
+    losses as injections."""
+    torch.manual_seed(4 + T)
+    model = LSTMLoop(T=T).double()
     inputs = model.example_inputs(3)
-    _, want = exact(model, inputs)
-    _, got, backend = compiled(model, inputs, 0)
+    want_loss, want = exact(model, inputs)
+    loss, got, backend = compiled(model, inputs, T - 1)
     (report,) = backend.reports
-    assert report.streams == [] and report.skipped
-    assert max_rel_err(got, want) < 1e-12, worst_param(got, want)
+    (stream,) = report.streams
+    assert stream.length == T - 1 and "state widened to 2 tensors" in stream.residual_kind
+    assert [g.size for g in stream.groups] == [T - 1] and stream.groups[0].batched
+    assert stream.injections == list(range(1, T - 1))
+    assert report.skipped == []
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=0)
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+@pytest.mark.parametrize("scan", ["sequential", "log-depth"])
+def test_lstm_matches_the_oracle(k, scan):
+    torch.manual_seed(30 + k)
+    model = LSTMLoop(T=7).double()
+    inputs = model.example_inputs(3)
+    want_loss, want = lstm_oracle(model, inputs, k)
+    loss, got, backend = compiled(model, inputs, k, scan=scan)
+    assert backend.reports[0].streams[0].scan.startswith(scan)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=0)
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+    _, exact_grads = exact(model, inputs)
+    assert max_rel_err(got, exact_grads) > 1e-6
+
+
+def test_lstm_oracle_view_is_exact_at_L():
+    torch.manual_seed(40)
+    model = LSTMLoop(T=5).double()
+    inputs = model.example_inputs(2)
+    _, want = exact(model, inputs)
+    _, got = lstm_oracle(model, inputs, 4)
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_lstm_gamma_split(k):
+    from oracle_general import highway_backward_general
+    from helpers import clone_inputs, grads_of
+
+    torch.manual_seed(50 + k)
+    model = LSTMLoop(T=6).double()
+    inputs = model.example_inputs(3)
+    m = copy.deepcopy(model)
+    xs = clone_inputs(inputs)
+    streams, head = lstm_stream_from_step_1(m, *xs)
+    highway_backward_general(streams, head, k, gamma=0.3)
+    want = grads_of(m, xs)
+    _, got, _ = compiled(model, inputs, k, gamma=0.3)
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+
+
+def test_lstm_cell_module_loop():
+    """nn.LSTMCell in a loop: the same widened stream."""
+
+    class CellLoop(torch.nn.Module):
+        def __init__(self, T=6):
+            super().__init__()
+            self.cell, self.head = torch.nn.LSTMCell(3, 8), torch.nn.Linear(8, 1)
+
+        def forward(self, x):
+            h = c = torch.zeros(x.size(0), 8, dtype=x.dtype)
+            loss = 0
+            for t in range(x.size(1)):
+                h, c = self.cell(x[:, t], (h, c))
+                loss = loss + self.head(h).pow(2).mean()
+            return loss
+
+    torch.manual_seed(41)
+    model = CellLoop().double()
+    inputs = (torch.randn(2, 6, 3, dtype=torch.double),)
+    _, want = exact(model, inputs)
+    _, got, backend = compiled(model, inputs, 5)
+    (report,) = backend.reports
+    (stream,) = report.streams
+    assert stream.length == 5 and "widened" in stream.residual_kind
+    assert "2x2 K_l" in stream.scan
+    (skip,) = report.skipped          # h0 and c0 are one zeros tensor: step 1 reads x_0 itself
+    assert "first step of a widened" in skip.reason
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
 
 
 def test_gru_T32_exact_and_oracle():

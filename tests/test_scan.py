@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from hbp_compile.rewrite.scan import (reverse_cumsum, reverse_linear_scan,
-                                      reverse_linear_scan_sequential, reverse_scan_scalar)
+                                      reverse_linear_scan_sequential, reverse_matrix_scan,
+                                      reverse_matrix_scan_sequential, reverse_scan_scalar)
 
 
 def loop(a, k):
@@ -37,3 +38,21 @@ def test_scalar_scan_and_cumsum_equal_the_loop(n, decay):
                                atol=1e-12)
     if decay == 1.0:
         torch.testing.assert_close(reverse_cumsum(a), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 64])
+@pytest.mark.parametrize("m", [2, 3])
+def test_matrix_scans_equal_the_loop(n, m):
+    """Widened states: g_l = a_l + K_l^T g_{l+1} with an m x m K_l per coordinate."""
+    torch.manual_seed(100 * m + n)
+    a = torch.randn(n, m, 4, dtype=torch.float64)
+    k = torch.randn(max(n - 1, 0), m, m, 4, dtype=torch.float64) * 0.6
+    g = [None] * n
+    g[n - 1] = a[n - 1].clone()
+    for l in range(n - 2, -1, -1):                 # the definition, one coordinate at a time
+        g[l] = a[l].clone()
+        for c in range(4):
+            g[l][:, c] += k[l][:, :, c].T @ g[l + 1][:, c]
+    want = torch.stack(g)
+    torch.testing.assert_close(reverse_matrix_scan(a, k), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reverse_matrix_scan_sequential(a, k), want, rtol=1e-12, atol=1e-12)

@@ -46,23 +46,24 @@ def vmappable(template: fx.GraphModule):
     return run
 
 
-def _traced_op_counts(gm: fx.GraphModule, vals, shared, n: int) -> collections.Counter:
+def _traced_op_counts(gm: fx.GraphModule, vals, shared, n: int, n_x: int = 1):
     """Op counts of the traced VJP of vmap(template) over n stacked copies of the inputs."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     args, in_dims = [], []
     for j, v in enumerate(vals):
         # x, and captures that differ per member, and the random draws after them are stacked
-        stacked = isinstance(v, torch.Tensor) and (j == 0 or j > len(shared) or not shared[j - 1])
+        c = j - n_x
+        stacked = isinstance(v, torch.Tensor) and (c < 0 or c >= len(shared) or not shared[c])
         args.append(v.new_empty((n, *v.shape)) if stacked else v)
         in_dims.append(0 if stacked else None)
     batched = torch.func.vmap(vmappable(gm), in_dims=tuple(in_dims))
 
-    def vjp(x):
-        outs, fn = torch.func.vjp(lambda x: batched(x, *args[1:]), x)
+    def vjp(*xs):
+        outs, fn = torch.func.vjp(lambda *xs: batched(*xs, *args[n_x:]), *xs)
         return fn(tuple(torch.ones_like(o) for o in outs))
 
-    traced = make_fx(vjp)(args[0])
+    traced = make_fx(vjp)(*args[:n_x])
     return collections.Counter(n.target for n in traced.graph.nodes if n.op == "call_function")
 
 
@@ -77,8 +78,9 @@ def batching_problem(group) -> Optional[str]:
         return "no fake tensors to trace the batched VJP with"
     try:
         with fake_mode:
-            two = _traced_op_counts(gm, vals, group.shared, 2)
-            three = _traced_op_counts(gm, vals, group.shared, 3)
+            n_x = group.template.n_x
+            two = _traced_op_counts(gm, vals, group.shared, 2, n_x)
+            three = _traced_op_counts(gm, vals, group.shared, 3, n_x)
     except Exception as e:                          # noqa: BLE001 - becomes the report's reason
         return f"vmap failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
     grown = [t for t in three if three[t] > two[t]]

@@ -54,6 +54,11 @@ class Block:
         return self.step.stream
 
     @property
+    def xs(self) -> tuple:
+        """All components of x_l (one for every stream but an LSTM-like widened one)."""
+        return self.step.states
+
+    @property
     def zs(self) -> tuple:
         return self.step.zs
 
@@ -167,18 +172,18 @@ def _dropout_off(node: fx.Node) -> bool:
 
 def extract_block(step: ResidualStep, index: GraphIndex) -> Block:
     """Body, captures and side outputs of one residual step's block (BlockError if unsupported)."""
-    x = step.stream
-    stop = index.pos[x]
+    xs = set(step.states)                       # x_l: one tensor, or (c_l, h_l) for an LSTM
+    stop = min(index.pos[x] for x in xs)
     ancestors, stack = set(), list(step.zs)     # ancestors of the block outputs down to x_l
     while stack:
         n = stack.pop()
-        if n in ancestors or n is x or index.pos[n] < stop:
+        if n in ancestors or n in xs or index.pos[n] < stop:
             continue
         ancestors.add(n)
         stack.extend(n.all_input_nodes)
     body = set()
     for n in sorted(ancestors, key=index.pos.__getitem__):   # forward: which ancestors read x_l
-        if any(i is x or i in body for i in n.all_input_nodes):
+        if any(i in xs or i in body for i in n.all_input_nodes):
             body.add(n)
     changed = True
     while changed:                               # absorb private parameter preprocessing
@@ -199,9 +204,9 @@ def extract_block(step: ResidualStep, index: GraphIndex) -> Block:
     captures = []
     for n in ordered:
         for i in n.all_input_nodes:
-            if i is not x and i not in body and i not in captures:
+            if i not in xs and i not in body and i not in captures:
                 captures.append(i)
-    residual = set(step.residual) | {step.node}
+    residual = set(step.residual) | set(step.outputs)
     side = [n for n in ordered if any(u not in body and u not in residual for u in n.users)]
     diff = [_is_float(n) and _reaches_output(n) for n in side]
     randoms = [n for n in ordered if _is_random(n)]

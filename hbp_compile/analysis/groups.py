@@ -50,12 +50,13 @@ class Template:
     residual: Optional[fx.GraphModule] = None
     forward: Optional[fx.GraphModule] = None
     n_random: int = 0
+    n_x: int = 1                        # components of x_l (2 for an LSTM's (c, h))
 
 
 def _copy_body(block: Block, draw: bool) -> fx.GraphModule:
     """The block's body as a graph; random draws are kept and returned (draw) or read as inputs."""
     graph = fx.Graph()
-    env = {block.x: graph.placeholder("x")}
+    env = {x: graph.placeholder(name) for x, name in zip(block.xs, _x_names(block))}
     for j, cap in enumerate(block.captures):
         env[cap] = graph.placeholder(f"cap{j}")
     if not draw:
@@ -77,11 +78,11 @@ def _copy_body(block: Block, draw: bool) -> fx.GraphModule:
 
 def outline(block: Block) -> Template:
     """Copy a block's body into its own graph; the signature names its structure, not its nodes."""
-    local = {block.x: "x"}
+    local = dict(zip(block.xs, _x_names(block)))
     local.update({cap: f"cap{j}" for j, cap in enumerate(block.captures)})
     # x's strides are left out: the backward stacks the states, so they arrive contiguous
     # (a stream starting from h0.expand(B, -1) still batches its first step with the rest)
-    key = [("x", _meta_key(block.x, strides=False))] + \
+    key = [(local[x], _meta_key(x, strides=False)) for x in block.xs] + \
         [(local[c], _meta_key(c)) for c in block.captures]
     for i, node in enumerate(block.body):
         local[node] = f"n{i}"
@@ -97,15 +98,19 @@ def outline(block: Block) -> Template:
     signature = hashlib.sha1(repr(key).encode()).hexdigest()[:12]
     return Template(_copy_body(block, draw=False), signature, _summary(block), len(block.zs),
                     residual, _copy_body(block, draw=True) if block.randoms else None,
-                    len(block.randoms))
+                    len(block.randoms), len(block.xs))
+
+
+def _x_names(block: Block) -> list[str]:
+    return ["x"] if len(block.xs) == 1 else [f"x{j}" for j in range(len(block.xs))]
 
 
 def _outline_residual(block: Block):
     """r as a graph (x, *zs, *residual_caps) -> x_{l+1}, and its structural key."""
     step = block.step
     graph = fx.Graph()
-    inputs = [step.stream, *step.zs, *step.residual_caps]
-    names = ["x"] + [f"z{i}" for i in range(len(step.zs))] + \
+    inputs = [*step.states, *step.zs, *step.residual_caps]
+    names = _x_names(block) + [f"z{i}" for i in range(len(step.zs))] + \
         [f"rcap{i}" for i in range(len(step.residual_caps))]
     env, local = {}, {}
     for node, name in zip(inputs, names):
@@ -119,7 +124,8 @@ def _outline_residual(block: Block):
         local[node] = f"r{i}"
         args = fx.node.map_arg((node.args, node.kwargs), lambda a: local[a])
         key.append((str(node.target), repr(args), _meta_key(node, strides=False)))
-    graph.output(env[step.node])
+    # one tensor x_{l+1}, or a tuple for a widened state
+    graph.output(env[step.node] if not step.extra_outputs else tuple(env[o] for o in step.outputs))
     return fx.GraphModule(torch.nn.Module(), graph), key
 
 

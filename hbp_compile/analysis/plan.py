@@ -11,6 +11,7 @@ from .blocks import Block, BlockError, extract_block
 from .groups import Group, Template, group_blocks, outline
 from .rules import HEAVY_OPS, GraphIndex, ResidualStep
 from .streams import Stream, find_streams
+from .widen import widen_stream
 
 aten = torch.ops.aten
 
@@ -73,7 +74,7 @@ def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips:
         if blk is not None:
             owner.update({n: l for n in blk.body})
             owner.update({n: l for n in blk.step.residual})
-            owner[blk.step.node] = l
+            owner.update({n: l for n in blk.step.outputs})
     latest = _owner_positions(graph, owner)
     segments, current, start = [], [], 0
     for l, blk in enumerate(blocks):
@@ -124,6 +125,8 @@ def plan_streams(graph: fx.Graph, min_length: int = 2):
     segments = []
     sources = {st.x0 for st in streams}
     for sid, stream in enumerate(streams):
+        stream, dropped = widen_stream(stream, index)
+        skips += [Skip(step.node.name, why) for step, why in dropped]
         for blocks in _split_stream(graph, stream, index, claimed, skips):
             if len(blocks) < min_length:
                 skips.append(Skip(blocks[0].step.node.name,
@@ -136,7 +139,7 @@ def plan_streams(graph: fx.Graph, min_length: int = 2):
             for b in blocks:
                 claimed.update(b.body)
                 claimed.update(b.step.residual)
-                claimed.add(b.step.node)
+                claimed.update(b.step.outputs)
                 inner.update(b.body)
     # A residual add that did not link into a stream is either inside a rewritten block (it is
     # rewritten with that block) or a side branch left to exact backprop.

@@ -35,10 +35,22 @@ class ResidualStep:
     kind: str
     residual: tuple = ()
     residual_caps: tuple = ()
+    extra_states: tuple = ()            # further components of x_l (LSTM: h beside c)
+    extra_outputs: tuple = ()           # the same components of x_{l+1}
 
     @property
     def branch(self) -> fx.Node:
         return self.zs[0]
+
+    @property
+    def states(self) -> tuple:
+        """x_l, all components: (stream, *extra_states)."""
+        return (self.stream, *self.extra_states)
+
+    @property
+    def outputs(self) -> tuple:
+        """x_{l+1}, all components: (node, *extra_outputs)."""
+        return (self.node, *self.extra_outputs)
 
     @property
     def identity(self) -> bool:

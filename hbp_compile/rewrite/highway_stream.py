@@ -11,7 +11,8 @@ Inductor (and compiled autograd) receives IS the Highway-BP backward:
 scan(K, a) solves g_l = (1 - gamma) K_l g_{l+1} + a_l: a reverse cumsum when every step is
 x + z (K = I), a diagonal linear scan otherwise (K_l = dr/dx_l, read off r's VJP at ones).
 Tensors along the stream are stacked on a leading axis: E, A and G are (L + 1, *x.shape) with
-row l holding the value at x_l.
+row l holding the value at x_l. A widened state (an LSTM's x_l = (c_l, h_l), m components) adds a
+component axis: (L + 1, m, *x.shape), and K_l is an m x m matrix per coordinate.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import torch
 import torch.fx as fx
 
 from ..analysis.batching import vmappable
-from .scan import reverse_linear_scan, reverse_linear_scan_sequential, reverse_scan_scalar
+from .scan import (reverse_linear_scan, reverse_linear_scan_sequential, reverse_matrix_scan,
+                   reverse_matrix_scan_sequential, reverse_scan_scalar)
 
 try:                                    # node annotations, to find each VJP in the graphs
     from torch.fx.traceback import annotate as _annotate
@@ -61,11 +63,12 @@ class StreamSpec:
     block_group: tuple[int, ...]         # group index of block l
     block_caps: tuple[tuple[int, ...], ...]   # block l's captures, as indices into caps
     groups: tuple[GroupSpec, ...]
-    state_outputs: tuple[int, ...]       # stream positions l in 1..L returned (x_L always)
+    state_outputs: tuple[tuple[int, int], ...]   # (l, component) returned; all of x_L always
     iters: int
     gamma: float
     mutated_caps: frozenset = frozenset()  # captures the graph writes to later (copy_)
     scan: str = "log-depth"              # "sequential" or "log-depth" (scan.choose_scan)
+    width: int = 1                       # components of x_l (2 for an LSTM's (c, h))
     residual_caps: tuple = ()            # block l's residual-function captures (indices)
 
     @property
@@ -140,14 +143,28 @@ class _GroupVJP:
         def select(outs):
             return tuple(outs[i] for i in self.out_diff)
 
-        def linearize(fn, primal, full, diff):
-            """vjp of fn(primal, *full) in primal and the `diff` positions of full."""
-            def f(p, *diff_args):
-                args = list(full)
-                for j, t in zip(diff, diff_args):
-                    args[j] = t
-                return fn(p, *args)
-            return torch.func.vjp(f, primal, *[full[j] for j in diff])
+        m = self.m = spec.width
+
+        def linearize(fn, primals, full, diff):
+            """vjp of fn(*primals, *full) in the primals and the `diff` positions of full."""
+            def f(*args):
+                rest = list(full)
+                for j, t in zip(diff, args[m:]):
+                    rest[j] = t
+                return fn(*args[:m], *rest)
+            return torch.func.vjp(f, *primals, *[full[j] for j in diff])
+
+        def k_of(rfn, y, dim=1):
+            """K = dr/dx per coordinate: (n, *x) for one component, (n, m, m, *x) for m
+            (dim: where the component axes go, after the members' axis or without one)."""
+            if m == 1:
+                return rfn(torch.ones_like(y))[0]
+            rows = []
+            for j in range(m):                    # row j: d r_j / d x_i for every i
+                cot = tuple(torch.ones_like(t) if i == j else torch.zeros_like(t)
+                            for i, t in enumerate(y))
+                rows.append(torch.stack(rfn(cot)[:m], dim))
+            return torch.stack(rows, dim)
 
         if g.batched:
             full, dims = _stack_args(lambda l: spec.block_caps[l], self.members, g.shared, caps)
@@ -155,31 +172,30 @@ class _GroupVJP:
                 full.append(torch.stack([randoms[l][j] for l in self.members]))
                 dims.append(0)
             self.shared, self.rshared = [d is None for d in dims], ()
-            block = torch.func.vmap(vmappable(g.template), in_dims=(0, *dims))
-            X = torch.stack([xs[l] for l in self.members])           # (n, *x.shape)
-            outs, fn = linearize(lambda x, *a: select(block(x, *a)), X, full, self.diff)
+            block = torch.func.vmap(vmappable(g.template), in_dims=(*[0] * m, *dims))
+            X = [torch.stack([xs[l][j] for l in self.members]) for j in range(m)]  # (n, *x)
+            outs, fn = linearize(lambda *a: select(block(*a)), X, full, self.diff)
             self.fns = [fn]
             if g.residual is not None:
                 rfull, rdims = _stack_args(spec.rcaps_of, self.members, g.residual_shared, caps)
                 self.rshared = [d is None for d in rdims]
-                r = torch.func.vmap(g.residual, in_dims=(0, *([0] * n_z), *rdims))
-                y, rfn = linearize(lambda x, *a: r(x, *a), X, [*outs[:n_z], *rfull],
+                r = torch.func.vmap(g.residual, in_dims=(*[0] * m, *([0] * n_z), *rdims))
+                y, rfn = linearize(r, X, [*outs[:n_z], *rfull],
                                    list(range(n_z)) + [n_z + j for j in self.rdiff])
                 self.rfns = [rfn]
-                self.K = rfn(torch.ones_like(y))[0]                  # (n, *x.shape)
+                self.K = k_of(rfn, y)
         else:
             self.shared = self.rshared = ()        # nothing stacked: each member is its own
             self.fns, self.rfns, Ks = [], [], []
             for l, bc, rc in zip(self.members, self.cap_index, self.rcap_index):
-                outs, fn = linearize(lambda x, *a: select(g.template(x, *a)), xs[l],
+                outs, fn = linearize(lambda *a: select(g.template(*a)), xs[l],
                                      [caps[i] for i in bc] + list(randoms[l]), self.diff)
                 self.fns.append(fn)
                 if g.residual is not None:
-                    y, rfn = linearize(lambda x, *a: g.residual(x, *a), xs[l],
-                                       [*outs[:n_z], *[caps[i] for i in rc]],
+                    y, rfn = linearize(g.residual, xs[l], [*outs[:n_z], *[caps[i] for i in rc]],
                                        list(range(n_z)) + [n_z + j for j in self.rdiff])
                     self.rfns.append(rfn)
-                    Ks.append(rfn(torch.ones_like(y))[0])
+                    Ks.append(k_of(rfn, y, dim=0))
             if Ks:
                 self.K = torch.stack(Ks)
         self.z_dtypes = [o.dtype for o in outs[:n_z]]
@@ -189,22 +205,24 @@ class _GroupVJP:
 
         Returns (input grads (n, ...), per vjp_fn its capture grads, per vjp_fn its residual
         capture grads)."""
-        gi, n_z = tags["hbp_group"], self.group.n_z
+        gi, n_z, m = tags["hbp_group"], self.group.n_z, self.m
         batched = self.group.batched
         out_x, out_caps, out_rcaps = [], [], []
         for i, fn in enumerate(self.fns):
             with annotate(**tags, hbp_call=f"{gi}" if batched else f"{gi}.{i}"):
                 cy = cot_y if batched else cot_y[i]
+                if m > 1:                          # (.., m, *x) -> one cotangent per component
+                    cy = tuple(cy.unbind(1 if batched else 0))
                 if self.group.residual is not None:
                     rres = self.rfns[i](cy)
-                    cot_zs, rgrads = list(rres[1:1 + n_z]), rres[1 + n_z:]
+                    cot_zs, rgrads = list(rres[m:m + n_z]), rres[m + n_z:]
                 else:
                     cot_zs, rgrads = [cy], ()
                 cot_zs = [c.to(dt) for c, dt in zip(cot_zs, self.z_dtypes)]
                 sides = cot_sides if batched else [c[i] for c in cot_sides]
                 res = fn(tuple(cot_zs + sides))
-            out_x.append(res[0])
-            out_caps.append(res[1:])
+            out_x.append(res[0] if m == 1 else torch.stack(res[:m], 1 if batched else 0))
+            out_caps.append(res[m:])
             out_rcaps.append(rgrads)
         v = out_x[0] if batched else torch.stack(out_x)
         return v, out_caps, out_rcaps
@@ -226,25 +244,28 @@ def _accumulate_grads(vjp, per_fn, index, shared, diff, accumulate):
 
 
 class HighwayStream(torch.autograd.Function):
-    """x_0, captures -> returned stream states and side outputs; Highway-BP backward."""
+    """x_0 (its m components), captures -> returned states and side outputs; Highway-BP."""
 
     @staticmethod
-    def forward(ctx, spec: StreamSpec, x0: torch.Tensor, *caps):
-        x, xs, sides, randoms = x0, [x0], [], []
+    def forward(ctx, spec: StreamSpec, *args):
+        m = spec.width
+        x, caps = tuple(args[:m]), args[m:]
+        xs, sides, randoms = [x], [], []
         for l in range(spec.length):
             group = spec.groups[spec.block_group[l]]
             block_caps = [caps[i] for i in spec.block_caps[l]]
             if group.forward is not None:        # draws its random numbers; they are saved
-                outs = group.forward(x, *block_caps)
+                outs = group.forward(*x, *block_caps)
                 randoms.extend(outs[len(outs) - group.n_random:])
                 outs = outs[:len(outs) - group.n_random]
             else:
-                outs = group.template(x, *block_caps)
+                outs = group.template(*x, *block_caps)
             zs = outs[:group.n_z]
             if group.residual is None:
-                x = x + zs[0]                                    # identity residual function
+                x = (x[0] + zs[0],)                              # identity residual function
             else:
-                x = group.residual(x, *zs, *[caps[i] for i in spec.rcaps_of(l)])
+                y = group.residual(*x, *zs, *[caps[i] for i in spec.rcaps_of(l)])
+                x = (y,) if m == 1 else tuple(y)
             xs.append(x)
             sides.extend(outs[group.n_z:])
         ctx.spec = spec
@@ -254,30 +275,37 @@ class HighwayStream(torch.autograd.Function):
                        for i, c in enumerate(caps) if isinstance(c, torch.Tensor)]
         ctx.cap_is_tensor = [isinstance(c, torch.Tensor) for c in caps]
         ctx.other_caps = [c for c in caps if not isinstance(c, torch.Tensor)]
-        ctx.save_for_backward(*xs[:-1], *randoms, *tensor_caps)
+        ctx.save_for_backward(*[t for x in xs[:-1] for t in x], *randoms, *tensor_caps)
         ctx.mark_non_differentiable(*[s for s, (_, _, d) in zip(sides, spec.side_layout()) if not d])
-        return tuple(xs[l] for l in spec.state_outputs) + tuple(sides)
+        return tuple(xs[l][j] for l, j in spec.state_outputs) + tuple(sides)
 
     @staticmethod
     def backward(ctx, *grads):
-        spec, L = ctx.spec, ctx.spec.length
+        spec, L, m = ctx.spec, ctx.spec.length, ctx.spec.width
         saved = ctx.saved_tensors
-        xs = list(saved[:L])
-        drawn, randoms = iter(saved[L:]), []
+        xs = [tuple(saved[l * m:(l + 1) * m]) for l in range(L)]      # x_l, its m components
+        drawn, randoms = iter(saved[L * m:]), []
         for l in range(L):
             randoms.append([next(drawn) for _ in range(spec.groups[spec.block_group[l]].n_random)])
-        tensor_caps, other = iter(saved[L + sum(map(len, randoms)):]), iter(ctx.other_caps)
+        tensor_caps = iter(saved[L * m + sum(map(len, randoms)):])
+        other = iter(ctx.other_caps)
         caps = [next(tensor_caps) if t else next(other) for t in ctx.cap_is_tensor]
-        needs_grad = ctx.needs_input_grad[2:]
+        needs_grad = ctx.needs_input_grad[1 + m:]
         n_states = len(spec.state_outputs)
-        x0 = xs[0]
-        zero = torch.zeros_like(x0)
+        x0 = xs[0][0]
+
+        def component_rows(values):
+            """m per-component tensors (None: 0) -> one row (*x) or (m, *x)."""
+            rows = [torch.zeros_like(x0) if v is None else v.to(x0.dtype) for v in values]
+            return rows[0] if m == 1 else torch.stack(rows)
+
+        zero = component_rows([None] * m)
 
         # e_l: gradients injected at x_l from outside the stream (x_L's is the incoming one)
-        inject = [None] * (L + 1)
-        for l, g in zip(spec.state_outputs, grads[:n_states]):
-            inject[l] = g
-        E = torch.stack([zero if g is None else g.to(x0.dtype) for g in inject])  # (L+1, *x)
+        inject = [[None] * m for _ in range(L + 1)]
+        for (l, j), g in zip(spec.state_outputs, grads[:n_states]):
+            inject[l][j] = g
+        E = torch.stack([component_rows(e) for e in inject])          # (L+1, [m,] *x)
 
         # side-output cotangents, per group, stacked over members
         side_cot = {}
@@ -303,7 +331,7 @@ class HighwayStream(torch.autograd.Function):
                 if sequential and decay not in (0.0, 1.0):
                     return reverse_linear_scan_sequential(A, decay)
                 return reverse_scan_scalar(A, decay)
-        else:                           # K_l = dr/dx_l, (L, *x.shape); 1 for x + z steps
+        elif m == 1:                    # K_l = dr/dx_l, (L, *x.shape); 1 for x + z steps
             one = torch.ones_like(x0)
             K = _blocks_to_stream([(v.members, v.K) for v in vjps if v.group.residual is not None],
                                   L, one)[:L]
@@ -312,6 +340,13 @@ class HighwayStream(torch.autograd.Function):
                 if sequential:
                     return reverse_linear_scan_sequential(A, decay * K)
                 return reverse_linear_scan(A, decay * K)
+        else:                           # widened: K_l is m x m per coordinate, (L, m, m, *x)
+            K = _blocks_to_stream([(v.members, v.K) for v in vjps], L, vjps[0].K[0])[:L]
+
+            def scan(A):
+                if sequential:
+                    return reverse_matrix_scan_sequential(A, decay * K)
+                return reverse_matrix_scan(A, decay * K)
 
         G = scan(E)                                              # round 0
         for r in range(1, spec.iters + 1):
@@ -322,7 +357,8 @@ class HighwayStream(torch.autograd.Function):
                 parts.append((vjp.members, v))
             A = _blocks_to_stream(parts, L, zero) + E
             if spec.gamma:                                       # gamma split: + gamma K g_{l+1}
-                kg = G[1:] if K is None else K * G[1:]
+                kg = G[1:] if K is None else K * G[1:] if m == 1 else \
+                    (K * G[1:].unsqueeze(2)).sum(1)                  # K_l^T g_{l+1}
                 A = A + spec.gamma * torch.cat([kg, zero.unsqueeze(0)])
             G = scan(A)
 
@@ -343,4 +379,6 @@ class HighwayStream(torch.autograd.Function):
         for i, need in enumerate(needs_grad):
             if not need:
                 cap_grads[i] = None
-        return (None, G[0] if ctx.needs_input_grad[1] else None, *cap_grads)
+        g0 = [G[0]] if m == 1 else list(G[0].unbind(0))
+        g0 = [g if need else None for g, need in zip(g0, ctx.needs_input_grad[1:1 + m])]
+        return (None, *g0, *cap_grads)

@@ -14,15 +14,16 @@ from .scan import choose_scan
 aten = torch.ops.aten
 
 
-def state_outputs(blocks: list[Block]) -> tuple[int, ...]:
-    """Stream positions l in 1..L whose state x_l is read outside the stream (x_L always)."""
-    L = len(blocks)
+def state_outputs(blocks: list[Block]) -> tuple[tuple[int, int], ...]:
+    """(l, component) of the states x_l, l in 1..L, read outside the stream (all of x_L)."""
+    L, m = len(blocks), len(blocks[0].xs)
     out = []
     for l in range(1, L):
-        inside = set(blocks[l].body) | set(blocks[l].step.residual) | {blocks[l].step.node}
-        if any(u not in inside for u in blocks[l - 1].step.node.users):
-            out.append(l)
-    return tuple(out) + (L,)
+        inside = set(blocks[l].body) | set(blocks[l].step.residual) | set(blocks[l].step.outputs)
+        for j, node in enumerate(blocks[l - 1].step.outputs):
+            if any(u not in inside for u in node.users):
+                out.append((l, j))
+    return tuple(out) + tuple((L, j) for j in range(m))
 
 
 def build_spec(name: str, blocks: list[Block], groups: list[Group], batched: list[bool],
@@ -58,7 +59,8 @@ def build_spec(name: str, blocks: list[Block], groups: list[Group], batched: lis
                       groups=tuple(group_specs),
                       state_outputs=state_outputs(blocks), iters=iters, gamma=gamma,
                       mutated_caps=mutated,
-                      scan=choose_scan(len(blocks) + 1, _device_type(blocks[0].x), scan))
+                      scan=choose_scan(len(blocks) + 1, _device_type(blocks[0].x), scan),
+                      width=len(blocks[0].xs))
     return spec, caps
 
 
@@ -79,17 +81,18 @@ def replace_stream(graph: fx.Graph, spec: StreamSpec, blocks: list[Block], caps:
             n = renamed[n]
         return n
 
-    def highway_stream(x0, *caps):
-        return HighwayStream.apply(spec, x0, *caps)
+    def highway_stream(*args):                     # (*x_0 components, *caps)
+        return HighwayStream.apply(spec, *args)
 
     highway_stream.__name__ = highway_stream.__qualname__ = spec.name
     last = blocks[-1].step.node
     with graph.inserting_after(last):
-        call = graph.call_function(highway_stream, (resolve(blocks[0].x), *map(resolve, caps)))
+        call = graph.call_function(highway_stream,
+                                   (*map(resolve, blocks[0].xs), *map(resolve, caps)))
     call.name = spec.name
-    values = [blocks[l - 1].step.node for l in spec.state_outputs]
+    values = [blocks[l - 1].step.outputs[j] for l, j in spec.state_outputs]
     values += [s for blk in blocks for s in blk.side_outputs]
-    inside = {n for blk in blocks for n in (*blk.body, *blk.step.residual, blk.step.node)}
+    inside = {n for blk in blocks for n in (*blk.body, *blk.step.residual, *blk.step.outputs)}
     prev = call
     for i, old in enumerate(values):
         with graph.inserting_after(prev):

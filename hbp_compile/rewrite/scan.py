@@ -84,3 +84,36 @@ def choose_scan(n: int, device_type: str, scan: str = "auto") -> str:
     if scan != "auto":
         return scan
     return "sequential" if n <= SEQUENTIAL_MAX.get(device_type, 8) else "log-depth"
+
+
+# Widened states (an LSTM's (c, h)): m components per position and an m x m Jacobian per
+# coordinate. a: (n, m, *x.shape); k: (n - 1, m, m, *x.shape) with k[l, j, i] = dr_j/dx_i
+# between positions l and l + 1, so g_l[i] = a_l[i] + sum_j k_l[j, i] g_{l+1}[j].
+
+def reverse_matrix_scan_sequential(a: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """g_l = a_l + k_l^T g_{l+1} per coordinate: the plain recurrence."""
+    n = a.shape[0]
+    rows = [None] * n
+    rows[n - 1] = a[n - 1]
+    for l in range(n - 2, -1, -1):
+        rows[l] = a[l] + (k[l] * rows[l + 1].unsqueeze(1)).sum(0)      # sum over j
+    return torch.stack(rows)
+
+
+def reverse_matrix_scan(a: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """reverse_matrix_scan_sequential as a Hillis-Steele doubling scan (log2(n) steps).
+
+    p_l maps g_{l+d} to its contribution at l (p[l, i, j], the transposed k's product):
+    g_l += p_l g_{l+d}, then p_l = p_l p_{l+d}."""
+    n = a.shape[0]
+    if n == 1:
+        return a
+    p = torch.cat([k.transpose(1, 2).to(a.dtype), torch.zeros_like(k[:1]).to(a.dtype)])
+    g, d = a, 1
+    while d < n:
+        g_far = torch.cat([g[d:], torch.zeros_like(g[:d])])             # (n, m, *x)
+        g = g + (p * g_far.unsqueeze(1)).sum(2)
+        p_far = torch.cat([p[d:], torch.zeros_like(p[:d])])             # (n, m, m, *x)
+        p = (p.unsqueeze(3) * p_far.unsqueeze(1)).sum(2)
+        d *= 2
+    return g
