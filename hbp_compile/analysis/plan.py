@@ -150,8 +150,9 @@ def plan_streams(graph: fx.Graph, min_length: int = 2):
     skips = [s for s in skips if s.node not in nested]
     n_steps = sum(1 for st in streams for s in st.steps if s.node not in inner) + len(loose)
     for seg in segments:
-        seg.split, projections = _split_after(seg, {s.x0: s for s in segments if s is not seg},
-                                              index)
+        # the next chain may be rewritten or not (a lone block after a projection, left to
+        # exact backprop by min_length): either way the split is named and counted
+        seg.split, projections = _split_after(seg, sources - {seg.x0}, index)
         for add in projections:               # a residual block whose shortcut is no identity
             skips.append(Skip(add.name, "residual block with a projection shortcut (both sides "
                                         "of the add transform x_l: K_l is dense); the chain is "
