@@ -170,11 +170,10 @@ def _dropout_off(node: fx.Node) -> bool:
     return False
 
 
-def extract_block(step: ResidualStep, index: GraphIndex) -> Block:
-    """Body, captures and side outputs of one residual step's block (BlockError if unsupported)."""
-    xs = set(step.states)                       # x_l: one tensor, or (c_l, h_l) for an LSTM
+def body_nodes(zs, xs: set, index: GraphIndex) -> tuple[set, set]:
+    """(ancestors of the block outputs zs down to x_l, those of them that read x_l: the body)."""
     stop = min(index.pos[x] for x in xs)
-    ancestors, stack = set(), list(step.zs)     # ancestors of the block outputs down to x_l
+    ancestors, stack = set(), list(zs)
     while stack:
         n = stack.pop()
         if n in ancestors or n in xs or index.pos[n] < stop:
@@ -185,6 +184,13 @@ def extract_block(step: ResidualStep, index: GraphIndex) -> Block:
     for n in sorted(ancestors, key=index.pos.__getitem__):   # forward: which ancestors read x_l
         if any(i in xs or i in body for i in n.all_input_nodes):
             body.add(n)
+    return ancestors, body
+
+
+def extract_block(step: ResidualStep, index: GraphIndex) -> Block:
+    """Body, captures and side outputs of one residual step's block (BlockError if unsupported)."""
+    xs = set(step.states)                       # x_l: one tensor, or (c_l, h_l) for an LSTM
+    ancestors, body = body_nodes(step.zs, xs, index)
     changed = True
     while changed:                               # absorb private parameter preprocessing
         changed = False

@@ -19,25 +19,9 @@ from typing import Optional
 
 import torch.fx as fx
 
+from .blocks import body_nodes
 from .rules import GraphIndex, ResidualStep, _has_heavy_op, _pointwise, _same_layout, tensor_meta
 from .streams import Stream
-
-
-def _body(step: ResidualStep, index: GraphIndex) -> set:
-    """The nodes that read x_l and feed the block outputs (blocks.extract_block's body)."""
-    x, stop = step.stream, index.pos[step.stream]
-    ancestors, stack = set(), list(step.zs)
-    while stack:
-        n = stack.pop()
-        if n in ancestors or n is x or index.pos[n] < stop:
-            continue
-        ancestors.add(n)
-        stack.extend(n.all_input_nodes)
-    body = set()
-    for n in sorted(ancestors, key=index.pos.__getitem__):
-        if any(i is x or i in body for i in n.all_input_nodes):
-            body.add(n)
-    return body
 
 
 def _readout(body: set, x: fx.Node, index: GraphIndex) -> list:
@@ -97,7 +81,7 @@ def widen_stream(stream: Stream, index: GraphIndex) -> tuple[Stream, list]:
     L = len(steps)
     heads, carried = [], False
     for l, step in enumerate(steps):
-        body = _body(step, index)
+        _, body = body_nodes(step.zs, {step.stream}, index)
         nodes = _readout(body, step.stream, index)
         outs = [n for n in nodes if any(u in body and u not in nodes for u in n.users)]
         heads.append(_Head(nodes, outs))

@@ -71,12 +71,13 @@ def reverse_linear_scan_sequential(a: torch.Tensor, k) -> torch.Tensor:
 
 
 # Longest stream (L + 1 positions) that scans sequentially under scan="auto", per device type.
-# Measured by benchmarks/bench_scan.py (results/bench_scan_<device>.json): on CPU the loop's
-# n - 1 small steps cost less than doubling's n log2(n) work up to about this length, and its
-# unrolled graph stays cheap to compile. No GPU measurement yet: there launches dominate, so
-# doubling (log2(n) fused steps) is assumed from short lengths on.
-SEQUENTIAL_MAX = {"cpu": 64, "cuda": 8}
-SCANS = ("auto", "sequential", "log-depth")
+# CPU, measured by benchmarks/bench_scan.py (results/bench_scan_cpu.json, Inductor, (32, 64)
+# per position, 1 thread): the loop's n - 1 fused multiply-adds beat doubling's n log2(n) work
+# at every length (1.4 vs 12.3 ms at n = 256), but its unrolled graph compiles ever longer
+# (6 s at 64, 17 s at 128, 42 s at 256, vs about 3 s for doubling), so "auto" switches at 128;
+# long training runs may prefer scan="sequential". CUDA: not measured yet (no GPU so far);
+# doubling's log2(n) steps are assumed to win from short lengths on, as in the paper.
+SEQUENTIAL_MAX = {"cpu": 128, "cuda": 8}
 
 
 def choose_scan(n: int, device_type: str, scan: str = "auto") -> str:
