@@ -46,3 +46,51 @@ def test_inductor_caches_are_keyed_by_the_rewrite():
             assert max_rel_err(got, want) < 1e-10, (k, worst_param(got, want))
     # the last compile (iters=1 again) is served from the cache, and still right
     assert counters["inductor"]["fxgraph_cache_hit"] == 2
+
+
+def test_inductor_lstm_widened_state_matches_oracle():
+    """The (c, h) state and its 2 x 2 matrix scan, compiled by Inductor."""
+    from models_general import LSTMLoop
+    from test_residual_kinds import lstm_oracle
+
+    torch.manual_seed(14)
+    model = LSTMLoop(T=6).double()
+    inputs = model.example_inputs(2)
+    _, want = lstm_oracle(model, inputs, 1)
+    _, got, backend = compiled(model, inputs, 1, codegen="inductor")
+    assert "widened" in backend.reports[0].streams[0].residual_kind
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+
+
+def test_inductor_post_ln_with_dropout_exact_at_L():
+    """Post-LN steps with dropout masks drawn in the forward and saved: with Inductor's
+    fallback_random the masks are eager's, so k = L equals eager autograd."""
+    import torch.nn as nn
+
+    class Layer(nn.Module):
+        def __init__(self, d=8):
+            super().__init__()
+            self.f, self.ln = nn.Linear(d, d), nn.LayerNorm(d)
+
+        def forward(self, x):
+            return self.ln(x + nn.functional.dropout(torch.tanh(self.f(x)), 0.2, self.training))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.Sequential(*[Layer() for _ in range(3)])
+
+        def forward(self, x):
+            return self.layers(x).pow(2).mean()
+
+    torch.manual_seed(15)
+    model = Model().double()
+    inputs = (torch.randn(4, 8, dtype=torch.double),)
+    with torch._inductor.config.patch(fallback_random=True):
+        torch.manual_seed(16)
+        _, want = exact(model, inputs)
+        torch.manual_seed(16)
+        _, got, backend = compiled(model, inputs, 3, codegen="inductor")
+    (stream,) = backend.reports[0].streams
+    assert stream.residual_kind == "post-LN" and "random draw" in stream.groups[0].summary
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
