@@ -7,7 +7,7 @@ PYTHON  := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo hf test test-all bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,9 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PYTHON) examples/demo.py
+
+hf: $(STAMP)
+	$(PYTHON) examples/hf_models.py --codegen eager
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests

@@ -2,6 +2,7 @@
 # One shot on a lent GPU machine (torch preinstalled, no network), from the repo root:
 #     bash benchmarks/run_gpu.sh            # results under $OUT if set, else benchmarks/results
 #     WHICH=gru bash benchmarks/run_gpu.sh  # the GRU-over-time benchmark instead
+#     WHICH=scan bash benchmarks/run_gpu.sh # sequential vs log-depth scan (scan="auto"'s rule)
 # Whole run < 8 min: 330 s of compiling shared by the two models, then a hard stop at 450 s
 # (the JSON is written after each model, so a stop in the second keeps the first).
 set -uo pipefail
@@ -15,7 +16,11 @@ mkdir -p "$DEST"
     || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$DEST/gpu.txt"
 
-if [ "${WHICH:-step}" = gru ]; then     # WHICH=gru: the paper's Table 6 setting (GRU over time)
+if [ "${WHICH:-step}" = scan ]; then    # WHICH=scan: the measurement behind scan="auto" (~1 min)
+    timeout -k 10 300 "$PY" benchmarks/bench_scan.py --device cuda \
+        --lengths 4 8 16 32 64 128 256 512 1024 \
+        --out "$DEST/bench_scan_cuda.json" 2>&1 | tee "$DEST/bench_scan_cuda.log"
+elif [ "${WHICH:-step}" = gru ]; then   # WHICH=gru: the paper's Table 6 setting (GRU over time)
     timeout -k 10 450 "$PY" benchmarks/bench_step.py --device cuda --budget 330 \
         --models gru256,gru1024 --iters 0,3,5,10 --no-unbatched \
         --out "$DEST/bench_gru_cuda.json" 2>&1 | tee "$DEST/bench_gru_cuda.log"
