@@ -307,3 +307,57 @@ def test_three_layers_iters2_matches_oracle(name):
     assert stream.length == 6
     err, worst = compare(got, want, ZERO_BY_SYMMETRY.get(name))
     assert err < 1e-9, (worst, err)
+
+
+# -----------------------------------------------------------------------------
+# more architectures, no views: structure found and exact at L (float64)
+
+
+def _more(name):
+    import transformers as T
+
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    if name == "gpt_neox":           # parallel residual: x + attn(ln1(x)) + mlp(ln2(x))
+        cfg = T.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3,
+                              num_attention_heads=4, intermediate_size=64,
+                              use_parallel_residual=True, max_position_embeddings=64)
+        return T.GPTNeoXForCausalLM(cfg), dict(input_ids=ids, labels=ids)
+    if name == "albert":             # post-LN, one layer's weights shared by every layer
+        cfg = T.AlbertConfig(vocab_size=64, embedding_size=16, hidden_size=32,
+                             num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                             max_position_embeddings=64, hidden_dropout_prob=0.0,
+                             attention_probs_dropout_prob=0.0)
+        return T.AlbertForMaskedLM(cfg), dict(input_ids=ids, labels=ids)
+    if name == "convnext":           # LayerScale blocks, a downsampling conv between stages
+        cfg = T.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[2, 3],
+                               num_stages=2, num_labels=3, drop_path_rate=0.0)
+        px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1),
+                         dtype=torch.float64)
+        return T.ConvNextForImageClassification(cfg), dict(pixel_values=px,
+                                                          labels=torch.tensor([0, 2]))
+    raise KeyError(name)
+
+
+# name -> ([(stream length, residual kind)] longest first, [group sizes of the first stream])
+MORE = {"gpt_neox": ([(3, "identity")], [3]), "albert": ([(6, "post-LN")], [3, 3]),
+        "convnext": ([(3, "identity"), (2, "identity")], [3])}
+
+
+@pytest.mark.parametrize("name", MORE)
+def test_more_architectures_exact_at_L(name):
+    torch.manual_seed(0)
+    model, inputs = _more(name)
+    model = model.double().train()
+    _, want = run_exact(model, inputs)
+    streams_want, sizes = MORE[name]
+    _, got, backend = run_compiled(model, inputs, max(L for L, _ in streams_want))
+    (report,) = [r for r in backend.reports if r.streams]
+    assert [(s.length, s.residual_kind) for s in report.streams] == streams_want, str(report)
+    assert [g.size for g in report.streams[0].groups] == sizes, str(report)
+    assert all(g.batched for s in report.streams for g in s.groups), str(report)
+    if name == "albert":             # the shared layer's weights are shared captures
+        assert all(g.shared_captures > 0 for g in report.streams[0].groups), str(report)
+    if name == "convnext":                # stage 0's chain ends at the downsampling conv
+        assert "split after x_L" in report.streams[1].split, str(report)
+    err, where = compare(got, want, zero="key.bias" if name == "albert" else None)
+    assert err < 1e-8, (where, err)
