@@ -270,6 +270,9 @@ def plot(results, path):
 
 
 def main():
+    # Inductor's scheduler walks dependency chains recursively: a 1024-step RNN's forward alone
+    # is deeper than Python's default limit (RecursionError in memory.topological_sort_dfs)
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 100_000))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"],
                    default="cuda" if torch.cuda.is_available() else "cpu")
