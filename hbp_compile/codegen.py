@@ -6,6 +6,8 @@ Either way `on_graph(name, gm)` sees the forward and backward graphs handed to t
 """
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import Callable
 
 import torch.fx as fx
@@ -37,16 +39,34 @@ def _joint_pass(cache_key: str, on_graph: OnGraph):
     return RecordJoint()
 
 
+@contextlib.contextmanager
+def deep_recursion(limit: int = 100_000):
+    """Raise Python's recursion limit for the duration of a compile.
+
+    Inductor's scheduler walks dependency chains recursively; an RNN unrolled over 1024 steps
+    (the paper's setting) is deeper than the default limit of 1000 (RecursionError in
+    memory.topological_sort_dfs, for exact backprop too)."""
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, limit))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(old)
+
+
 def compile_inductor(gm: fx.GraphModule, example_inputs, on_graph: OnGraph, cache_key: str):
     """compile_fx with an inner compiler that records each partitioned graph first."""
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
     def inner_compile(g, inputs, **kwargs):
         on_graph("backward" if kwargs.get("is_backward") else "forward", g)
-        return compile_fx_inner(g, inputs, **kwargs)
+        with deep_recursion():          # the backward compiles later, at the first backward
+            return compile_fx_inner(g, inputs, **kwargs)
 
     patches = {"joint_custom_post_pass": _joint_pass(cache_key, on_graph)}
-    return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
+    with deep_recursion():
+        return compile_fx(gm, example_inputs, inner_compile=inner_compile,
+                          config_patches=patches)
 
 
 def compile_eager(gm: fx.GraphModule, example_inputs, on_graph: OnGraph, cache_key: str):

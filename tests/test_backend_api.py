@@ -181,3 +181,16 @@ def test_post_rms_norm_stays_exact_and_says_why():
     assert report.streams == [] and report.residual_steps == 3
     assert any("the stream passes through aten." in s.reason for s in report.skipped), report
     assert max_rel_err(got, want) == 0.0
+
+
+def test_deep_recursion_is_scoped():
+    """The compile raises the recursion limit (Inductor recurses along long RNN chains) and
+    puts it back."""
+    import sys
+
+    from hbp_compile.codegen import deep_recursion
+
+    before = sys.getrecursionlimit()
+    with deep_recursion(before + 5000):
+        assert sys.getrecursionlimit() == before + 5000
+    assert sys.getrecursionlimit() == before
