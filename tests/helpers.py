@@ -74,12 +74,14 @@ def worst_param(got, want):
     return name, errs[name]
 
 
-def oracle_general(model, inputs, k, gamma=0.0, **view):
-    """Loss and gradients of the eager iteration for any residual function (oracle_general)."""
+def oracle_general(model, inputs, k, gamma=0.0, view_fn=None, **view):
+    """Loss and gradients of the eager iteration for any residual function (oracle_general).
+
+    The streams are the copy's `stream_view(*inputs, **view)`, or `view_fn(copy, *inputs)`."""
     from oracle_general import highway_backward_general
 
     m = copy.deepcopy(model)
     xs = clone_inputs(inputs)
-    streams, head = m.stream_view(*xs, **view)
+    streams, head = view_fn(m, *xs) if view_fn is not None else m.stream_view(*xs, **view)
     loss, _ = highway_backward_general(streams, head, k, gamma=gamma)
     return loss, grads_of(m, xs)

@@ -3,8 +3,6 @@ GRU updates over time; K_l = dr/dx_l runs through the diagonal scan.
 
 Oracle: tests/oracle_general.py (eager, VJPs only, no diagonal assumption) and eager autograd.
 """
-import copy
-
 import pytest
 import torch
 
@@ -29,11 +27,6 @@ def build(name, batch=3):
     factory, L, kind, _ = MODELS[name]
     model = factory().double()
     return model, model.example_inputs(batch), L, kind
-
-
-def _no_buffer_updates(model):
-    """BatchNorm in train mode updates its buffers on each forward; compare from equal states."""
-    return copy.deepcopy(model)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -106,14 +99,7 @@ def lstm_stream_from_step_1(model, x):
 
 
 def lstm_oracle(model, inputs, k, gamma=0.0):
-    from helpers import clone_inputs, grads_of
-    from oracle_general import highway_backward_general
-
-    m = copy.deepcopy(model)
-    xs = clone_inputs(inputs)
-    streams, head = lstm_stream_from_step_1(m, *xs)
-    loss, _ = highway_backward_general(streams, head, k, gamma=gamma)
-    return loss, grads_of(m, xs)
+    return oracle_general(model, inputs, k, gamma=gamma, view_fn=lstm_stream_from_step_1)
 
 
 @pytest.mark.parametrize("T", [6, 12])

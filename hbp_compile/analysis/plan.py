@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-import operator
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -100,19 +100,26 @@ def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips:
     return segments
 
 
-def _why_short(last: Block, sources: set, depth: int = 12) -> str:
+def _next_stream(node: fx.Node, sources: set, depth: int) -> Optional[fx.Node]:
+    """The first x_0 of a stream in `sources` that `node` reaches within `depth` hops forward."""
+    seen, frontier = set(), [node]
+    for _ in range(depth):
+        frontier = [u for n in frontier for u in n.users if u not in seen and u.op != "output"]
+        seen.update(frontier)
+        hit = next((n for n in frontier if n in sources), None)
+        if hit is not None or not frontier:
+            return hit
+    return None
+
+
+def _why_short(last: Block, sources: set) -> str:
     """Name the ops between a residual add and the next stream, if that is why the stream ends."""
     add = last.step.node
-    seen, frontier = set(), [add]
-    for _ in range(depth):                      # does the add reach another stream's x_0?
-        frontier = [u for n in frontier for u in n.users if u not in seen]
-        seen.update(frontier)
-        if any(n in sources for n in frontier):
-            ops = ", ".join(dict.fromkeys(str(u.target) for u in add.users))
-            return (f"; the stream passes through {ops} after the add (a post-norm or an "
-                    f"activation after the residual add that is not a residual function the "
-                    f"pass knows)")
-    return ""
+    if _next_stream(add, sources, depth=12) is None:
+        return ""
+    ops = ", ".join(dict.fromkeys(str(u.target) for u in add.users))
+    return (f"; the stream passes through {ops} after the add (a post-norm or an activation "
+            f"after the residual add that is not a residual function the pass knows)")
 
 
 def plan_streams(graph: fx.Graph, min_length: int = 2):
@@ -161,33 +168,31 @@ def plan_streams(graph: fx.Graph, min_length: int = 2):
     return segments, skips, n_steps
 
 
-def _split_after(seg: Segment, starts: dict, index: GraphIndex,
-                 depth: int = 60) -> tuple[str, list]:
-    """If x_L reaches another segment's x_0 through ops that are no residual step (a projection
+def _split_after(seg: Segment, sources: set, index: GraphIndex) -> tuple[str, list]:
+    """If x_L reaches another stream's x_0 through ops that are no residual step (a projection
     shortcut, a downsampling), say so: the chain is split there and that part runs exact.
     Also returns the adds on that path that join two transformed copies of x_L (projection
     residual blocks), which count as residual blocks left to exact backprop."""
-    seen, frontier = set(), [seg.xL]
-    for _ in range(depth):
-        frontier = [u for n in frontier for u in n.users if u not in seen and u.op != "output"]
-        seen.update(frontier)
-        hit = next((n for n in frontier if n in starts), None)
-        if hit is not None:
-            path, stack = set(), [hit]          # the nodes between x_L and hit
-            while stack:
-                n = stack.pop()
-                if n not in path and index.pos[n] > index.pos[seg.xL] \
-                        and index.depends_on(n, seg.xL):
-                    path.add(n)
-                    stack.extend(n.all_input_nodes)
-            ops = [str(n.target).replace("aten.", "").split(".")[0] for n in path
-                   if n.op == "call_function" and n.target in HEAVY_OPS]
-            via = ", ".join(dict.fromkeys(ops)) or "no matmul or convolution"
-            projections = [n for n in path if n.target is aten.add.Tensor
-                           and all(isinstance(a, fx.Node) and a in path for a in n.args)]
-            return (f"split after x_L: the chain goes on to x_0 = %{hit.name} through a step that "
-                    f"is no residual function ({via}; e.g. a projection shortcut or a "
-                    f"downsampling), which runs exact backprop"), projections
-        if not frontier:
-            break
-    return "", []
+    hit = _next_stream(seg.xL, sources, depth=60)
+    if hit is None:
+        return "", []
+    below, stack = set(), [seg.xL]              # what x_L feeds, up to hit
+    while stack:
+        for u in stack.pop().users:
+            if u not in below and index.pos[u] <= index.pos[hit]:
+                below.add(u)
+                stack.append(u)
+    path, stack = set(), [hit]                  # the nodes between x_L and hit
+    while stack:
+        n = stack.pop()
+        if n in below and n not in path:
+            path.add(n)
+            stack.extend(n.all_input_nodes)
+    ops = [str(n.target).replace("aten.", "").split(".")[0] for n in path
+           if n.op == "call_function" and n.target in HEAVY_OPS]
+    via = ", ".join(dict.fromkeys(ops)) or "no matmul or convolution"
+    projections = [n for n in path if n.target is aten.add.Tensor
+                   and all(isinstance(a, fx.Node) and a in path for a in n.args)]
+    return (f"split after x_L: the chain goes on to x_0 = %{hit.name} through a step that is "
+            f"no residual function ({via}; e.g. a projection shortcut or a downsampling), "
+            f"which runs exact backprop"), projections
