@@ -18,6 +18,7 @@ from .debug import dump_report, readable
 from .logs import enabled as log_enabled
 from .logs import log
 from .report import BlockReport, GraphReport, GroupReport, SkipReport, StreamReport
+from .rewrite.partition import partition_group
 from .rewrite.replace import build_spec, replace_stream
 
 
@@ -56,7 +57,7 @@ class HBPBackend:
         cfg = self.config
         report = GraphReport(len(self.reports), config={
             "iters": cfg.iters, "gamma": cfg.gamma, "codegen": cfg.codegen,
-            "batched": cfg.batched, "cache_key": cfg.cache_key()})
+            "batched": cfg.batched, "recompute": cfg.recompute, "cache_key": cfg.cache_key()})
         self.reports.append(report)
         try:
             compiled = self._compile(gm, example_inputs, report)
@@ -126,6 +127,12 @@ class HBPBackend:
         renamed: dict = {}
         for seg in segments:
             name = f"hbp_stream_{report.index}_{len(report.streams)}"
+            for g in seg.groups:
+                if cfg.recompute:
+                    g.recompute_reason = "recompute=True"
+                else:
+                    g.partition = partition_group(
+                        g, seg.blocks[g.members[0]].side_differentiable)
             batched, reasons = zip(*[self._batching(g) for g in seg.groups])
             spec, caps = build_spec(name, seg.blocks, seg.groups, list(batched),
                                     cfg.iters, cfg.gamma, cfg.scan)
@@ -135,6 +142,8 @@ class HBPBackend:
             _count("blocks_rewritten", len(seg.blocks))
             _count("groups_batched", sum(batched))
             _count("groups_unbatched", len(batched) - sum(batched))
+            _count("groups_saved", sum(g.partition is not None for g in seg.groups))
+            _count("groups_recomputed", sum(g.partition is None for g in seg.groups))
         restore_native_batch_norm(agm.graph)
         _stable_topological_sort(agm.graph)    # readers of x_l may precede the new call
         agm.graph.eliminate_dead_code()
@@ -182,7 +191,9 @@ def _stream_report(name, seg: Segment, spec, batched, reasons) -> StreamReport:
                           spec.block_group[l], len(b.body))
               for l, b in enumerate(seg.blocks)]
     groups = [GroupReport(gi, g.template.signature, g.template.summary, list(g.members),
-                          batched[gi], reasons[gi], sum(g.shared))
+                          batched[gi], reasons[gi], sum(g.shared),
+                          g.partition.n_saved if g.partition is not None else -1,
+                          g.recompute_reason)
               for gi, g in enumerate(seg.groups)]
     if spec.gamma == 1:
         scan = "none (gamma=1: fixed-point iteration)"

@@ -21,6 +21,7 @@ class HBPConfig:
     batched: bool = True            # one VJP per group of identical blocks per round
     min_length: int = 2             # shortest stream to rewrite (a lone add is often no residual)
     scan: str = "auto"              # diagonal scan: "sequential", "log-depth", or by length
+    recompute: bool = False         # rerun blocks' forward in the backward instead of saving
     dump_dir: Optional[str] = None  # where to write graphs and reports (not in the cache key)
 
     def __post_init__(self):
@@ -31,7 +32,7 @@ class HBPConfig:
             raise ValueError(f"hbp_backend: gamma must be a number in [0, 1], got {self.gamma!r}")
         if self.codegen not in CODEGENS:
             raise ValueError(f"hbp_backend: codegen must be one of {CODEGENS}, got {self.codegen!r}")
-        for name in ("strict", "batched"):
+        for name in ("strict", "batched", "recompute"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"hbp_backend: {name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.min_length, bool) or not isinstance(self.min_length, int) or self.min_length < 1:

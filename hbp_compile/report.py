@@ -25,6 +25,8 @@ class GroupReport:
     batched: bool
     reason: str = ""                # why not batched
     shared_captures: int = 0        # captures that are one value for all members (tied weights)
+    saved: int = -1                 # activations the forward saves per block; -1: recomputes
+    recompute_reason: str = ""      # why the backward recomputes the block's forward
 
     @property
     def size(self) -> int:
@@ -104,6 +106,8 @@ class GraphReport:
             for g in s.groups:
                 how = "batched" if g.batched else f"unbatched ({g.reason})"
                 tied = f", {g.shared_captures} shared capture(s)" if g.shared_captures else ""
+                tied += f", {g.saved} saved activation(s) per block" if g.saved >= 0 else \
+                    f", forward recomputed in the backward ({g.recompute_reason})"
                 lines.append(f"    group {g.index}: {g.size} block(s) {_ranges(g.members)} {how}"
                              f"{tied} -- {g.summary}")
             for b in s.blocks:

@@ -67,6 +67,21 @@ def _traced_op_counts(gm: fx.GraphModule, vals, shared, n: int, n_x: int = 1):
     return collections.Counter(n.target for n in traced.graph.nodes if n.op == "call_function")
 
 
+def _saved_op_counts(part, vals, shared, n: int, n_x: int):
+    """Op counts of the partition's backward run over n members (rewrite.batch.run_batched)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from ..rewrite.batch import run_batched
+
+    bw_vals = [p.meta["val"] for p in part.bw.graph.nodes if p.op == "placeholder"]
+    flags = [True] * len(bw_vals)
+    for j, s in enumerate(shared):           # shared captures keep no member axis
+        flags[n_x + j] = not s
+    args = [v.new_empty((n, *v.shape)) if f else v for v, f in zip(bw_vals, flags)]
+    traced = make_fx(lambda *a: run_batched(part.bw, a, flags)[0])(*args)
+    return collections.Counter(n.target for n in traced.graph.nodes if n.op == "call_function")
+
+
 def batching_problem(group) -> Optional[str]:
     """Why this group's VJP cannot be one batched computation, or None if it can."""
     from torch._guards import detect_fake_mode
@@ -76,11 +91,15 @@ def batching_problem(group) -> Optional[str]:
     fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
     if fake_mode is None:
         return "no fake tensors to trace the batched VJP with"
+    n_x, part = group.template.n_x, group.partition
     try:
         with fake_mode:
-            n_x = group.template.n_x
-            two = _traced_op_counts(gm, vals, group.shared, 2, n_x)
-            three = _traced_op_counts(gm, vals, group.shared, 3, n_x)
+            if part is not None:
+                two = _saved_op_counts(part, vals, group.shared, 2, n_x)
+                three = _saved_op_counts(part, vals, group.shared, 3, n_x)
+            else:
+                two = _traced_op_counts(gm, vals, group.shared, 2, n_x)
+                three = _traced_op_counts(gm, vals, group.shared, 3, n_x)
     except Exception as e:                          # noqa: BLE001 - becomes the report's reason
         return f"vmap failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
     grown = [t for t in three if three[t] > two[t]]

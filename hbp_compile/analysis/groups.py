@@ -155,6 +155,8 @@ class Group:
     members: list[int]              # positions l of the member blocks in the stream
     shared: list[bool]              # per capture: the same value in every member (tied weights)
     residual_shared: list[bool] = dataclasses.field(default_factory=list)  # same, for r's
+    partition: object = None        # rewrite.partition.Partition: the saving fw / bw split
+    recompute_reason: str = ""      # why the backward recomputes the forward (no partition)
 
     @property
     def size(self) -> int:

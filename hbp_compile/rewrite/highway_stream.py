@@ -24,6 +24,8 @@ import torch
 import torch.fx as fx
 
 from ..analysis.batching import vmappable
+from .batch import run_batched
+from .partition import Partition
 from .scan import (reverse_linear_scan, reverse_linear_scan_sequential, reverse_matrix_scan,
                    reverse_matrix_scan_sequential, reverse_scan_scalar)
 
@@ -52,6 +54,14 @@ class GroupSpec:
     residual_shared: tuple[bool, ...] = ()
     forward: Optional[fx.GraphModule] = None     # (x, *caps) -> (..., *randoms): draws them
     n_random: int = 0                   # random draws per block (dropout masks), saved
+    partition: Optional[Partition] = None        # saving fw / bw; None: recompute in backward
+    draw: Optional[fx.GraphModule] = None        # (x, *caps) -> randoms, for a partitioned fw
+
+    def n_saved_per_block(self) -> int:
+        """Tensors the forward saves per block: the partition's, and the zs that r reads."""
+        if self.partition is None:
+            return 0
+        return self.partition.n_saved + (self.n_z if self.residual is not None else 0)
 
 
 @dataclasses.dataclass
@@ -118,87 +128,154 @@ def _stack_args(values_of, members, shared, caps):
     return args, dims
 
 
-class _GroupVJP:
-    """The linearised blocks (and residual functions) of one group: one vjp_fn when batched."""
+def _linearize(fn, primals, full, diff, m: int):
+    """vjp of fn(*primals, *full) in the primals and the `diff` positions of full."""
+    def f(*args):
+        rest = list(full)
+        for j, t in zip(diff, args[m:]):
+            rest[j] = t
+        return fn(*args[:m], *rest)
+    return torch.func.vjp(f, *primals, *[full[j] for j in diff])
 
-    def __init__(self, spec: StreamSpec, gi: int, xs, caps, randoms, needs_grad):
+
+def _k_of(rfn, y, m: int, dim: int = 1):
+    """K = dr/dx per coordinate: (n, *x) for one component, (n, m, m, *x) for m
+    (dim: where the component axes go, after the members' axis or without one)."""
+    if m == 1:
+        return rfn(torch.ones_like(y))[0]
+    rows = []
+    for j in range(m):                    # row j: d r_j / d x_i for every i
+        cot = tuple(torch.ones_like(t) if i == j else torch.zeros_like(t)
+                    for i, t in enumerate(y))
+        rows.append(torch.stack(rfn(cot)[:m], dim))
+    return torch.stack(rows, dim)
+
+
+def _wanted(index, caps, needs_grad) -> list[int]:
+    """Capture positions of a block to differentiate: float tensors some member needs."""
+    if not index[0]:
+        return []
+    return [j for j in range(len(index[0]))
+            if isinstance(caps[index[0][j]], torch.Tensor)
+            and caps[index[0][j]].dtype.is_floating_point
+            and any(needs_grad[ix[j]] for ix in index)]
+
+
+class _GroupVJP:
+    """The linearised blocks (and residual functions) of one group: one vjp_fn when batched.
+
+    With a partition, each vjp_fn is the group's saved-activation backward (no forward is
+    recomputed); without one (recompute=True, or a template that could not be split) it is
+    torch.func.vjp of the template, which re-runs the block's forward in the backward."""
+
+    def __init__(self, spec: StreamSpec, gi: int, xs, caps, randoms, saved, needs_grad):
         g = spec.groups[gi]
         self.group, self.members = g, list(g.members)
         self.cap_index = [spec.block_caps[l] for l in self.members]
         self.rcap_index = [spec.rcaps_of(l) for l in self.members]
-        first = self.cap_index[0]
-
-        def wanted(index):          # argument positions to differentiate
-            return [j for j in range(len(index[0]))
-                    if isinstance(caps[index[0][j]], torch.Tensor)
-                    and caps[index[0][j]].dtype.is_floating_point
-                    and any(needs_grad[ix[j]] for ix in index)]
-
-        self.diff = wanted(self.cap_index) if first else []
-        self.rdiff = wanted(self.rcap_index) if self.rcap_index[0] else []
+        self.diff = _wanted(self.cap_index, caps, needs_grad)
+        self.rdiff = _wanted(self.rcap_index, caps, needs_grad)
         self.out_diff = list(range(g.n_z)) + \
             [g.n_z + i for i, d in enumerate(g.side_differentiable) if d]
-        n_z = g.n_z
+        self.m = spec.width
+        self.shared, self.rshared = (), ()
+        if g.partition is not None:
+            zs = self._from_saved(spec, xs, caps, randoms, saved)
+        else:
+            zs = self._recomputed(spec, xs, caps, randoms)
+        outs = g.template.graph.output_node().args[0]
+        self.z_dtypes = [o.meta["val"].dtype for o in outs[:g.n_z]]
+        if g.residual is not None:
+            self._linearize_residual(spec, xs, caps, zs)
+
+    def _member_args(self, spec, l, xs, caps, randoms):
+        return [*xs[l], *[caps[i] for i in spec.block_caps[l]], *randoms[l]]
+
+    def _from_saved(self, spec, xs, caps, randoms, saved):
+        """vjp_fns that run the partition's backward on the activations the forward saved."""
+        g, P, m = self.group, self.group.partition, self.m
+        n_cap = len(self.cap_index[0])
+        grad_at = {p: i for i, p in enumerate(P.diff)}     # primal position -> bw output
+        x_grads = [grad_at[j] for j in range(m)]
+        cap_grads = [grad_at[m + j] for j in self.diff]
+        n_act = P.n_saved
+        if not g.batched:
+            self.fns = []
+            for l in self.members:
+                args = self._member_args(spec, l, xs, caps, randoms) + list(saved[l][:n_act])
+
+                def fn(cots, args=args):
+                    res = P.bw(*args, *cots)
+                    return (*[res[i] for i in x_grads], *[res[i] for i in cap_grads])
+                self.fns.append(fn)
+            return [saved[l][n_act:] for l in self.members]
+        members, n = self.members, len(self.members)
+        full, dims = _stack_args(lambda l: spec.block_caps[l], members, g.shared, caps)
+        self.shared = [d is None for d in dims]
+        args = [torch.stack([xs[l][j] for l in members]) for j in range(m)] + full
+        args += [torch.stack([randoms[l][j] for l in members]) for j in range(g.n_random)]
+        args += [torch.stack([saved[l][j] for l in members]) for j in range(n_act)]
+        flags = [True] * m + [d is not None for d in dims] + [True] * (g.n_random + n_act)
+        self.X = args[:m]
+
+        def fn(cots):
+            res, batched = run_batched(P.bw, [*args, *cots], [*flags, *[True] * len(cots)])
+            out = [res[i] if batched[i] else res[i].expand(n, *res[i].shape)
+                   for i in x_grads]
+            for j, i in zip(self.diff, cap_grads):
+                if self.shared[j]:                # one weight for all members: sum their grads
+                    out.append(res[i].sum(0) if batched[i] else res[i] * n)
+                else:
+                    out.append(res[i] if batched[i] else res[i].expand(n, *res[i].shape))
+            return tuple(out)
+        self.fns = [fn]
+        return [torch.stack([saved[l][n_act + j] for l in members]) for j in range(g.n_z)] \
+            if g.residual is not None else [None] * g.n_z
+
+    def _recomputed(self, spec, xs, caps, randoms):
+        """vjp_fns of torch.func.vjp over the template: its forward runs again here."""
+        g, m = self.group, self.m
 
         def select(outs):
             return tuple(outs[i] for i in self.out_diff)
-
-        m = self.m = spec.width
-
-        def linearize(fn, primals, full, diff):
-            """vjp of fn(*primals, *full) in the primals and the `diff` positions of full."""
-            def f(*args):
-                rest = list(full)
-                for j, t in zip(diff, args[m:]):
-                    rest[j] = t
-                return fn(*args[:m], *rest)
-            return torch.func.vjp(f, *primals, *[full[j] for j in diff])
-
-        def k_of(rfn, y, dim=1):
-            """K = dr/dx per coordinate: (n, *x) for one component, (n, m, m, *x) for m
-            (dim: where the component axes go, after the members' axis or without one)."""
-            if m == 1:
-                return rfn(torch.ones_like(y))[0]
-            rows = []
-            for j in range(m):                    # row j: d r_j / d x_i for every i
-                cot = tuple(torch.ones_like(t) if i == j else torch.zeros_like(t)
-                            for i, t in enumerate(y))
-                rows.append(torch.stack(rfn(cot)[:m], dim))
-            return torch.stack(rows, dim)
 
         if g.batched:
             full, dims = _stack_args(lambda l: spec.block_caps[l], self.members, g.shared, caps)
             for j in range(g.n_random):          # each member's own draws, stacked
                 full.append(torch.stack([randoms[l][j] for l in self.members]))
                 dims.append(0)
-            self.shared, self.rshared = [d is None for d in dims], ()
+            self.shared = [d is None for d in dims]
             block = torch.func.vmap(vmappable(g.template), in_dims=(*[0] * m, *dims))
-            X = [torch.stack([xs[l][j] for l in self.members]) for j in range(m)]  # (n, *x)
-            outs, fn = linearize(lambda *a: select(block(*a)), X, full, self.diff)
+            self.X = [torch.stack([xs[l][j] for l in self.members]) for j in range(m)]
+            outs, fn = _linearize(lambda *a: select(block(*a)), self.X, full, self.diff, m)
             self.fns = [fn]
-            if g.residual is not None:
-                rfull, rdims = _stack_args(spec.rcaps_of, self.members, g.residual_shared, caps)
-                self.rshared = [d is None for d in rdims]
-                r = torch.func.vmap(g.residual, in_dims=(*[0] * m, *([0] * n_z), *rdims))
-                y, rfn = linearize(r, X, [*outs[:n_z], *rfull],
-                                   list(range(n_z)) + [n_z + j for j in self.rdiff])
-                self.rfns = [rfn]
-                self.K = k_of(rfn, y)
-        else:
-            self.shared = self.rshared = ()        # nothing stacked: each member is its own
-            self.fns, self.rfns, Ks = [], [], []
-            for l, bc, rc in zip(self.members, self.cap_index, self.rcap_index):
-                outs, fn = linearize(lambda *a: select(g.template(*a)), xs[l],
-                                     [caps[i] for i in bc] + list(randoms[l]), self.diff)
-                self.fns.append(fn)
-                if g.residual is not None:
-                    y, rfn = linearize(g.residual, xs[l], [*outs[:n_z], *[caps[i] for i in rc]],
-                                       list(range(n_z)) + [n_z + j for j in self.rdiff])
-                    self.rfns.append(rfn)
-                    Ks.append(k_of(rfn, y, dim=0))
-            if Ks:
-                self.K = torch.stack(Ks)
-        self.z_dtypes = [o.dtype for o in outs[:n_z]]
+            return list(outs[:g.n_z])
+        self.fns, zs = [], []
+        for l, bc in zip(self.members, self.cap_index):
+            outs, fn = _linearize(lambda *a: select(g.template(*a)), xs[l],
+                                  [caps[i] for i in bc] + list(randoms[l]), self.diff, m)
+            self.fns.append(fn)
+            zs.append(outs[:g.n_z])
+        return zs
+
+    def _linearize_residual(self, spec, xs, caps, zs):
+        """rfns (r's VJPs in x, the zs and its captures) and K = dr/dx, from saved zs."""
+        g, m, n_z = self.group, self.m, self.group.n_z
+        diff = list(range(n_z)) + [n_z + j for j in self.rdiff]
+        if g.batched:
+            rfull, rdims = _stack_args(spec.rcaps_of, self.members, g.residual_shared, caps)
+            self.rshared = [d is None for d in rdims]
+            r = torch.func.vmap(g.residual, in_dims=(*[0] * m, *([0] * n_z), *rdims))
+            y, rfn = _linearize(r, self.X, [*zs, *rfull], diff, m)
+            self.rfns = [rfn]
+            self.K = _k_of(rfn, y, m)
+            return
+        self.rfns, Ks = [], []
+        for i, (l, rc) in enumerate(zip(self.members, self.rcap_index)):
+            y, rfn = _linearize(g.residual, xs[l], [*zs[i], *[caps[c] for c in rc]], diff, m)
+            self.rfns.append(rfn)
+            Ks.append(_k_of(rfn, y, m, dim=0))
+        self.K = torch.stack(Ks)
 
     def __call__(self, cot_y: torch.Tensor, cot_sides: list[torch.Tensor], **tags):
         """VJPs of every member at the stacked stream cotangents g_{l+1} (n, ...).
@@ -243,6 +320,20 @@ def _accumulate_grads(vjp, per_fn, index, shared, diff, accumulate):
                 accumulate(ix[j], gj)
 
 
+def _block_forward(group: GroupSpec, x: tuple, block_caps: list):
+    """One block's outputs, its random draws, and the activations its backward will read."""
+    if group.partition is not None:
+        drawn = list(group.draw(*x, *block_caps)) if group.n_random else []
+        res = group.partition.fw(*x, *block_caps, *drawn)
+        n = group.partition.n_outputs
+        return res[:n], drawn, list(res[n:])
+    if group.forward is not None:            # draws its random numbers; they are saved
+        outs = group.forward(*x, *block_caps)
+        cut = len(outs) - group.n_random
+        return outs[:cut], list(outs[cut:]), []
+    return group.template(*x, *block_caps), [], []
+
+
 class HighwayStream(torch.autograd.Function):
     """x_0 (its m components), captures -> returned states and side outputs; Highway-BP."""
 
@@ -250,24 +341,23 @@ class HighwayStream(torch.autograd.Function):
     def forward(ctx, spec: StreamSpec, *args):
         m = spec.width
         x, caps = tuple(args[:m]), args[m:]
-        xs, sides, randoms = [x], [], []
+        xs, sides, randoms, saved = [x], [], [], []
         for l in range(spec.length):
             group = spec.groups[spec.block_group[l]]
             block_caps = [caps[i] for i in spec.block_caps[l]]
-            if group.forward is not None:        # draws its random numbers; they are saved
-                outs = group.forward(*x, *block_caps)
-                randoms.extend(outs[len(outs) - group.n_random:])
-                outs = outs[:len(outs) - group.n_random]
-            else:
-                outs = group.template(*x, *block_caps)
+            outs, drawn, kept = _block_forward(group, x, block_caps)
+            randoms.extend(drawn)
             zs = outs[:group.n_z]
             if group.residual is None:
                 x = (x[0] + zs[0],)                              # identity residual function
             else:
                 y = group.residual(*x, *zs, *[caps[i] for i in spec.rcaps_of(l)])
                 x = (y,) if m == 1 else tuple(y)
+                if group.partition is not None:
+                    kept = [*kept, *zs]                          # r's VJP reads them
             xs.append(x)
             sides.extend(outs[group.n_z:])
+            saved.extend(kept)
         ctx.spec = spec
         # A buffer that the graph overwrites after this call (BatchNorm's running statistics)
         # is saved as a copy: the backward re-runs the blocks on the values they saw.
@@ -275,7 +365,8 @@ class HighwayStream(torch.autograd.Function):
                        for i, c in enumerate(caps) if isinstance(c, torch.Tensor)]
         ctx.cap_is_tensor = [isinstance(c, torch.Tensor) for c in caps]
         ctx.other_caps = [c for c in caps if not isinstance(c, torch.Tensor)]
-        ctx.save_for_backward(*[t for x in xs[:-1] for t in x], *randoms, *tensor_caps)
+        ctx.n_tensor_caps = len(tensor_caps)
+        ctx.save_for_backward(*[t for x in xs[:-1] for t in x], *randoms, *tensor_caps, *saved)
         ctx.mark_non_differentiable(*[s for s, (_, _, d) in zip(sides, spec.side_layout()) if not d])
         return tuple(xs[l][j] for l, j in spec.state_outputs) + tuple(sides)
 
@@ -287,7 +378,11 @@ class HighwayStream(torch.autograd.Function):
         drawn, randoms = iter(saved[L * m:]), []
         for l in range(L):
             randoms.append([next(drawn) for _ in range(spec.groups[spec.block_group[l]].n_random)])
-        tensor_caps = iter(saved[L * m + sum(map(len, randoms)):])
+        first_cap = L * m + sum(map(len, randoms))
+        tensor_caps = iter(saved[first_cap:first_cap + ctx.n_tensor_caps])
+        kept = iter(saved[first_cap + ctx.n_tensor_caps:])
+        activations = [[next(kept) for _ in range(spec.groups[spec.block_group[l]]
+                                                   .n_saved_per_block())] for l in range(L)]
         other = iter(ctx.other_caps)
         caps = [next(tensor_caps) if t else next(other) for t in ctx.cap_is_tensor]
         needs_grad = ctx.needs_input_grad[1 + m:]
@@ -313,7 +408,7 @@ class HighwayStream(torch.autograd.Function):
             if d:
                 side_cot.setdefault(l, []).append(g)
 
-        vjps = [_GroupVJP(spec, gi, xs, caps, randoms, needs_grad)
+        vjps = [_GroupVJP(spec, gi, xs, caps, randoms, activations, needs_grad)
                 for gi in range(len(spec.groups))]
 
         def group_cotangents(G, vjp):

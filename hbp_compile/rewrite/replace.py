@@ -9,6 +9,7 @@ import torch.fx as fx
 from ..analysis.blocks import Block
 from ..analysis.groups import Group
 from .highway_stream import GroupSpec, HighwayStream, StreamSpec
+from .partition import draws_only
 from .scan import choose_scan
 
 aten = torch.ops.aten
@@ -51,7 +52,9 @@ def build_spec(name: str, blocks: list[Block], groups: list[Group], batched: lis
             batched=b, side_differentiable=tuple(blocks[g.members[0]].side_differentiable),
             n_z=g.template.n_z, residual=g.template.residual,
             forward=g.template.forward, n_random=g.template.n_random,
-            residual_shared=tuple(g.residual_shared)))
+            residual_shared=tuple(g.residual_shared), partition=g.partition,
+            draw=draws_only(g.template.forward, g.template.n_random)
+            if g.partition is not None and g.template.n_random else None))
     mutated = frozenset(i for i, c in enumerate(caps)
                         if any(u.target is aten.copy_.default and u.args[0] is c for u in c.users))
     spec = StreamSpec(name=name, length=len(blocks), block_group=tuple(block_group),
