@@ -79,11 +79,29 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
-class Block(nn.Module):
+class SDPASelfAttention(nn.Module):
+    """Attention as nanoGPT writes it: F.scaled_dot_product_attention(is_causal=True)."""
+
     def __init__(self, n_embd, n_head, block_size):
         super().__init__()
+        self.n_head = n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)    # (B, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, n_embd, n_head, block_size, sdpa=False):
+        super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd)
-        self.attn = CausalSelfAttention(n_embd, n_head, block_size)
+        attn = SDPASelfAttention if sdpa else CausalSelfAttention
+        self.attn = attn(n_embd, n_head, block_size)
         self.ln_2 = nn.LayerNorm(n_embd)
         self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(),
                                  nn.Linear(4 * n_embd, n_embd))
@@ -95,11 +113,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab=256, block_size=64, n_layer=8, n_head=4, n_embd=128):
+    def __init__(self, vocab=256, block_size=64, n_layer=8, n_head=4, n_embd=128, sdpa=False):
         super().__init__()
         self.wte = nn.Embedding(vocab, n_embd)
         self.wpe = nn.Embedding(block_size, n_embd)
-        self.h = nn.ModuleList(Block(n_embd, n_head, block_size) for _ in range(n_layer))
+        self.h = nn.ModuleList(Block(n_embd, n_head, block_size, sdpa) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
         self.lm_head = nn.Linear(n_embd, vocab, bias=False)
 
@@ -142,6 +160,10 @@ CASES = {
     "gpt": Case("GPT 8 layers, d=128, 4 heads, vocab 256, batch 8 x 64 (L=16)", GPT,
                 lambda dev: (torch.randint(256, (8, 64), device=dev),
                              torch.randint(256, (8, 64), device=dev))),
+    "gpt-sdpa": Case("nanoGPT 8 layers, d=128, 4 heads, SDPA, vocab 256, batch 8 x 64 (L=16)",
+                     lambda: GPT(sdpa=True),
+                     lambda dev: (torch.randint(256, (8, 64), device=dev),
+                                  torch.randint(256, (8, 64), device=dev))),
 }
 for _T in (64, 256, 1024):      # run with --iters 0,3,5,10 --no-unbatched (the paper's Table 6)
     CASES[f"gru{_T}"] = Case(f"GRUCell loop T={_T}, hidden 64, batch 32, loss at the last step",

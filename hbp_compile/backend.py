@@ -132,7 +132,7 @@ class HBPBackend:
                     g.recompute_reason = "recompute=True"
                 else:
                     g.partition = partition_group(
-                        g, seg.blocks[g.members[0]].side_differentiable)
+                        g, seg.blocks[g.members[0]].side_differentiable, cfg.fold)
             batched, reasons = zip(*[self._batching(g) for g in seg.groups])
             spec, caps = build_spec(name, seg.blocks, seg.groups, list(batched),
                                     cfg.iters, cfg.gamma, cfg.scan)

@@ -22,6 +22,7 @@ class HBPConfig:
     min_length: int = 2             # shortest stream to rewrite (a lone add is often no residual)
     scan: str = "auto"              # diagonal scan: "sequential", "log-depth", or by length
     recompute: bool = False         # rerun blocks' forward in the backward instead of saving
+    fold: bool = True               # fold norm affine weights into the final VJP's dW
     dump_dir: Optional[str] = None  # where to write graphs and reports (not in the cache key)
 
     def __post_init__(self):
@@ -32,7 +33,7 @@ class HBPConfig:
             raise ValueError(f"hbp_backend: gamma must be a number in [0, 1], got {self.gamma!r}")
         if self.codegen not in CODEGENS:
             raise ValueError(f"hbp_backend: codegen must be one of {CODEGENS}, got {self.codegen!r}")
-        for name in ("strict", "batched", "recompute"):
+        for name in ("strict", "batched", "recompute", "fold"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"hbp_backend: {name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.min_length, bool) or not isinstance(self.min_length, int) or self.min_length < 1:

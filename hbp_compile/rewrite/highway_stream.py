@@ -200,14 +200,19 @@ class _GroupVJP:
         cap_grads = [grad_at[m + j] for j in self.diff]
         n_act = P.n_saved
         if not g.batched:
-            self.fns = []
+            self.fns, self.pfns = [], []
             for l in self.members:
                 args = self._member_args(spec, l, xs, caps, randoms) + list(saved[l][:n_act])
 
                 def fn(cots, args=args):
                     res = P.bw(*args, *cots)
                     return (*[res[i] for i in x_grads], *[res[i] for i in cap_grads])
+
+                def pfn(cots, args=args):
+                    res = P.bw_params(*args, *cots)
+                    return tuple(res[i - m] for i in cap_grads)
                 self.fns.append(fn)
+                self.pfns.append(pfn)
             return [saved[l][n_act:] for l in self.members]
         members, n = self.members, len(self.members)
         full, dims = _stack_args(lambda l: spec.block_caps[l], members, g.shared, caps)
@@ -218,17 +223,24 @@ class _GroupVJP:
         flags = [True] * m + [d is not None for d in dims] + [True] * (g.n_random + n_act)
         self.X = args[:m]
 
-        def fn(cots):
-            res, batched = run_batched(P.bw, [*args, *cots], [*flags, *[True] * len(cots)])
-            out = [res[i] if batched[i] else res[i].expand(n, *res[i].shape)
-                   for i in x_grads]
+        def run(bw, cots):
+            res, batched = run_batched(bw, [*args, *cots], [*flags, *[True] * len(cots)])
+            return [r if b else r.expand(n, *r.shape) for r, b in zip(res, batched)]
+
+        def cap_grads_of(res, offset):
+            out = []
             for j, i in zip(self.diff, cap_grads):
-                if self.shared[j]:                # one weight for all members: sum their grads
-                    out.append(res[i].sum(0) if batched[i] else res[i] * n)
-                else:
-                    out.append(res[i] if batched[i] else res[i].expand(n, *res[i].shape))
-            return tuple(out)
-        self.fns = [fn]
+                r = res[i - offset]
+                out.append(r.sum(0) if self.shared[j] else r)   # shared weight: sum members
+            return out
+
+        def fn(cots):
+            res = run(P.bw, cots)
+            return (*[res[i] for i in x_grads], *cap_grads_of(res, 0))
+
+        def pfn(cots):
+            return tuple(cap_grads_of(run(P.bw_params, cots), m))
+        self.fns, self.pfns = [fn], [pfn]
         return [torch.stack([saved[l][n_act + j] for l in members]) for j in range(g.n_z)] \
             if g.residual is not None else [None] * g.n_z
 
@@ -249,6 +261,7 @@ class _GroupVJP:
             self.X = [torch.stack([xs[l][j] for l in self.members]) for j in range(m)]
             outs, fn = _linearize(lambda *a: select(block(*a)), self.X, full, self.diff, m)
             self.fns = [fn]
+            self.pfns = [lambda cots: fn(cots)[m:]]
             return list(outs[:g.n_z])
         self.fns, zs = [], []
         for l, bc in zip(self.members, self.cap_index):
@@ -256,6 +269,7 @@ class _GroupVJP:
                                   [caps[i] for i in bc] + list(randoms[l]), self.diff, m)
             self.fns.append(fn)
             zs.append(outs[:g.n_z])
+        self.pfns = [lambda cots, fn=fn: fn(cots)[m:] for fn in self.fns]
         return zs
 
     def _linearize_residual(self, spec, xs, caps, zs):
@@ -277,15 +291,15 @@ class _GroupVJP:
             Ks.append(_k_of(rfn, y, m, dim=0))
         self.K = torch.stack(Ks)
 
-    def __call__(self, cot_y: torch.Tensor, cot_sides: list[torch.Tensor], **tags):
+    def __call__(self, cot_y: torch.Tensor, cot_sides: list[torch.Tensor], final=False, **tags):
         """VJPs of every member at the stacked stream cotangents g_{l+1} (n, ...).
 
         Returns (input grads (n, ...), per vjp_fn its capture grads, per vjp_fn its residual
-        capture grads)."""
+        capture grads); the final call returns no input grads (None) and needs none."""
         gi, n_z, m = tags["hbp_group"], self.group.n_z, self.m
         batched = self.group.batched
         out_x, out_caps, out_rcaps = [], [], []
-        for i, fn in enumerate(self.fns):
+        for i, fn in enumerate(self.pfns if final else self.fns):
             with annotate(**tags, hbp_call=f"{gi}" if batched else f"{gi}.{i}"):
                 cy = cot_y if batched else cot_y[i]
                 if m > 1:                          # (.., m, *x) -> one cotangent per component
@@ -298,10 +312,13 @@ class _GroupVJP:
                 cot_zs = [c.to(dt) for c, dt in zip(cot_zs, self.z_dtypes)]
                 sides = cot_sides if batched else [c[i] for c in cot_sides]
                 res = fn(tuple(cot_zs + sides))
+            out_rcaps.append(rgrads)
+            if final:
+                out_caps.append(res)
+                continue
             out_x.append(res[0] if m == 1 else torch.stack(res[:m], 1 if batched else 0))
             out_caps.append(res[m:])
-            out_rcaps.append(rgrads)
-        v = out_x[0] if batched else torch.stack(out_x)
+        v = None if final else out_x[0] if batched else torch.stack(out_x)
         return v, out_caps, out_rcaps
 
 
@@ -423,8 +440,8 @@ class HighwayStream(torch.autograd.Function):
             K = None
 
             def scan(A):
-                if sequential and decay not in (0.0, 1.0):
-                    return reverse_linear_scan_sequential(A, decay)
+                if sequential and decay != 0.0:   # L adds fuse into one pass (aten's cumsum
+                    return reverse_linear_scan_sequential(A, decay)     # along dim 0 is slow)
                 return reverse_scan_scalar(A, decay)
         elif m == 1:                    # K_l = dr/dx_l, (L, *x.shape); 1 for x + z steps
             one = torch.ones_like(x0)
@@ -443,7 +460,8 @@ class HighwayStream(torch.autograd.Function):
                     return reverse_matrix_scan_sequential(A, decay * K)
                 return reverse_matrix_scan(A, decay * K)
 
-        G = scan(E)                                              # round 0
+        with annotate(hbp_stream=spec.name, hbp_scan=0):
+            G = scan(E)                                          # round 0
         for r in range(1, spec.iters + 1):
             parts = []
             for gi, vjp in enumerate(vjps):
@@ -455,7 +473,8 @@ class HighwayStream(torch.autograd.Function):
                 kg = G[1:] if K is None else K * G[1:] if m == 1 else \
                     (K * G[1:].unsqueeze(2)).sum(1)                  # K_l^T g_{l+1}
                 A = A + spec.gamma * torch.cat([kg, zero.unsqueeze(0)])
-            G = scan(A)
+            with annotate(hbp_stream=spec.name, hbp_scan=r):
+                G = scan(A)
 
         cap_grads: list[Optional[torch.Tensor]] = [None] * len(caps)
 
@@ -466,8 +485,8 @@ class HighwayStream(torch.autograd.Function):
             if not vjp.diff and not vjp.rdiff:
                 continue
             cot_y, cot_s = group_cotangents(G, vjp)
-            _, per, rper = vjp(cot_y, cot_s, hbp_stream=spec.name, hbp_round="final",
-                               hbp_group=gi)
+            _, per, rper = vjp(cot_y, cot_s, final=True, hbp_stream=spec.name,
+                               hbp_round="final", hbp_group=gi)
             _accumulate_grads(vjp, per, vjp.cap_index, vjp.shared, vjp.diff, accumulate)
             if vjp.rdiff:
                 _accumulate_grads(vjp, rper, vjp.rcap_index, vjp.rshared, vjp.rdiff, accumulate)

@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from .fold import NORM_OUTPUT, fold_norm_affine
+
 aten = torch.ops.aten
 
 # Ops that only re-describe their input's memory: recomputed in the backward, never saved.
@@ -44,10 +46,12 @@ class Partition:
 
     fw: fx.GraphModule
     bw: fx.GraphModule
+    bw_params: fx.GraphModule           # bw without the x gradients (the final VJP), folded
     n_outputs: int                      # the template's outputs, first among fw's
     n_saved: int
     diff: tuple[int, ...]               # primal positions that bw returns a gradient for
     out_diff: tuple[int, ...]           # template outputs that take a cotangent, in bw's order
+    folded: int = 0                     # norms whose affine weights bw_params folds
 
 
 def _is_view(node: fx.Node) -> bool:
@@ -57,6 +61,74 @@ def _is_view(node: fx.Node) -> bool:
         src = node.args[0]
         return isinstance(src, fx.Node) and src.target in VIEW_OPS
     return node.target in VIEW_OPS
+
+
+def _is_pointwise(node: fx.Node) -> bool:
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags \
+        and not target.is_view
+
+
+def _recomputed(forward: list[fx.Node], primals: set, backward: set, depth: int = 6) -> set:
+    """Forward nodes the backward redoes instead of saving: views (their bases are saved), and
+    pointwise chains whose inputs are primals or values saved anyway (GELU's output from its
+    saved input, a norm's output from x, mean and rstd): memory for an elementwise pass, and
+    AOTAutograd's CSE merges the identical recomputations of different rounds."""
+    redone: set = set()
+    for n in reversed(forward):
+        if _is_view(n) and any(u in backward or u in redone for u in n.users):
+            redone.add(n)
+    in_forward = set(forward)
+    needed = {n for n in forward if n not in redone
+              and any(u in backward or u in redone for u in n.users)}
+
+    def available(n, d) -> bool:
+        if n in primals or n in redone or n in needed:
+            return True
+        if n not in in_forward or d == 0 or not _is_pointwise(n):
+            return False
+        if all(available(i, d - 1) for i in n.all_input_nodes):
+            redone.add(n)
+            return True
+        return False
+
+    for n in reversed(forward):
+        if n in needed and _is_pointwise(n):
+            needed.discard(n)
+            if all(available(i, depth) for i in n.all_input_nodes):
+                redone.add(n)
+            else:
+                needed.add(n)
+    return redone
+
+
+def _norm_output(node: fx.Node, saved: set, primals: set):
+    """(x, mean, rstd, weight, bias) when `node` is a layer norm's output that the backward
+    can rebuild from its input and saved statistics, else None."""
+    if node.target is not operator.getitem or node.args[1] != 0:
+        return None
+    f = node.args[0]
+    if f.target is not aten.native_layer_norm.default:
+        return None
+    stats = {u.args[1]: u for u in f.users if u.target is operator.getitem}
+    x, _, weight, bias = f.args[:4]
+    if stats.get(1) not in saved or stats.get(2) not in saved or x not in primals \
+            or any(p is not None and p not in primals for p in (weight, bias)):
+        return None
+    return x, stats[1], stats[2], weight, bias
+
+
+def _rebuild_norm_output(bw: fx.Graph, args, env) -> fx.Node:
+    """(x - mean) * rstd * weight + bias, in the backward graph."""
+    x, mean, rstd, weight, bias = [None if a is None else env[a] for a in args]
+    x_hat = y = bw.call_function(aten.mul.Tensor,
+                                 (bw.call_function(aten.sub.Tensor, (x, mean)), rstd))
+    if weight is not None:
+        y = bw.call_function(aten.mul.Tensor, (y, weight))
+    if bias is not None:
+        y = bw.call_function(aten.add.Tensor, (y, bias))
+    y.meta[NORM_OUTPUT] = dict(x_hat=x_hat, mean=mean, rstd=rstd, weight=weight, bias=bias)
+    return y
 
 
 def trace_joint(template: fx.GraphModule, vals: list, diff: list[int], out_diff: list[int]):
@@ -83,8 +155,9 @@ def trace_joint(template: fx.GraphModule, vals: list, diff: list[int], out_diff:
     return make_fx(joint)(*vals, *cots)
 
 
-def split_joint(joint: fx.GraphModule, n_p: int, n_out: int) -> tuple[fx.GraphModule, fx.GraphModule, int]:
-    """(fw, bw, n_saved) from a joint graph with n_p primals, then cotangents, then n_out outputs."""
+def split_joint(joint: fx.GraphModule, n_p: int, n_out: int, n_x: int):
+    """(fw, bw, bw_params, n_saved) from a joint graph with n_p primals, then cotangents, then
+    n_out outputs and the gradients; bw_params leaves out the n_x input gradients."""
     graph = joint.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     primals, cots = placeholders[:n_p], placeholders[n_p:]
@@ -94,13 +167,12 @@ def split_joint(joint: fx.GraphModule, n_p: int, n_out: int) -> tuple[fx.GraphMo
         if n.op == "call_function" and any(i in backward for i in n.all_input_nodes):
             backward.add(n)
     forward = [n for n in graph.nodes if n.op == "call_function" and n not in backward]
-    # views of forward values read by the backward are redone there (run in both graphs)
-    redone = set()
-    for n in reversed(forward):
-        if _is_view(n) and any(u in backward or u in redone for u in n.users):
-            redone.add(n)
+    redone = _recomputed(forward, set(primals), backward)
     in_bw = backward | redone
     saved = [n for n in forward if n not in redone and any(u in in_bw for u in n.users)]
+    # a norm's output is rebuilt from x, mean and rstd (an elementwise pass) instead of saved
+    rebuilt = {n: a for n in saved if (a := _norm_output(n, set(saved), set(primals)))}
+    saved = [n for n in saved if n not in rebuilt]
 
     fw = fx.Graph()
     env = {p: fw.placeholder(p.name) for p in primals}
@@ -108,25 +180,35 @@ def split_joint(joint: fx.GraphModule, n_p: int, n_out: int) -> tuple[fx.GraphMo
         env[n] = fw.node_copy(n, lambda a: env[a])
     fw.output(tuple(env[o] for o in outputs[:n_out]) + tuple(env[s] for s in saved))
 
-    bw = fx.Graph()
-    benv = {p: bw.placeholder(p.name) for p in primals}
-    benv.update({s: bw.placeholder(f"saved_{s.name}") for s in saved})
-    benv.update({c: bw.placeholder(c.name) for c in cots})
-    for n in graph.nodes:
-        if n in in_bw and n.op == "call_function":
-            benv[n] = bw.node_copy(n, lambda a: benv[a])
-            if benv[n].target in _VIEW_TO_RESHAPE:
-                benv[n].target = aten.reshape.default
-    bw.output(tuple(benv[g] if isinstance(g, fx.Node) else g for g in outputs[n_out:]))
-    for old, new in [*env.items(), *benv.items()]:
+    def backward_graph(grads) -> fx.GraphModule:
+        bw = fx.Graph()
+        benv = {p: bw.placeholder(p.name) for p in primals}
+        benv.update({s: bw.placeholder(f"saved_{s.name}") for s in saved})
+        benv.update({c: bw.placeholder(c.name) for c in cots})
+        for old, new in benv.items():
+            new.meta.update(old.meta)
+        for n, args in rebuilt.items():
+            benv[n] = _rebuild_norm_output(bw, args, benv)
+        for n in graph.nodes:
+            if n in in_bw and n.op == "call_function":
+                benv[n] = bw.node_copy(n, lambda a: benv[a])
+                if benv[n].target in _VIEW_TO_RESHAPE:
+                    benv[n].target = aten.reshape.default
+        bw.output(tuple(benv[g] if isinstance(g, fx.Node) else g for g in grads))
+        bw.eliminate_dead_code()
+        bw.lint()
+        return fx.GraphModule({}, bw)
+
+    for old, new in env.items():
         new.meta.update(old.meta)
-    for g in (fw, bw):
-        g.eliminate_dead_code()
-        g.lint()
-    return fx.GraphModule({}, fw), fx.GraphModule({}, bw), len(saved)
+    fw.eliminate_dead_code()
+    fw.lint()
+    grads = outputs[n_out:]
+    return fx.GraphModule({}, fw), backward_graph(grads), backward_graph(grads[n_x:]), len(saved)
 
 
-def partition(template: fx.GraphModule, diff_outputs: list[int]) -> Optional[Partition]:
+def partition(template: fx.GraphModule, diff_outputs: list[int], n_x: int = 1,
+              fold: bool = True) -> Optional[Partition]:
     """Split `template` at its saved activations, or None where it cannot be traced.
 
     diff_outputs: the outputs that take a cotangent (the zs and differentiable side outputs).
@@ -145,8 +227,9 @@ def partition(template: fx.GraphModule, diff_outputs: list[int]) -> Optional[Par
     n_out = len(template.graph.output_node().args[0])
     with fake_mode:
         joint = trace_joint(template, vals, diff, diff_outputs)
-    fw, bw, n_saved = split_joint(joint, len(vals), n_out)
-    return Partition(fw, bw, n_out, n_saved, tuple(diff), tuple(diff_outputs))
+    fw, bw, bw_params, n_saved = split_joint(joint, len(vals), n_out, n_x)
+    folded = fold_norm_affine(bw_params) if fold else 0
+    return Partition(fw, bw, bw_params, n_out, n_saved, tuple(diff), tuple(diff_outputs), folded)
 
 
 _LIKE_OPS = {aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default,
@@ -174,12 +257,12 @@ def draws_only(forward: fx.GraphModule, n_random: int) -> fx.GraphModule:
     return fx.GraphModule({}, graph)
 
 
-def partition_group(group, side_differentiable: list[bool]) -> Optional[Partition]:
+def partition_group(group, side_differentiable: list[bool], fold: bool = True) -> Optional[Partition]:
     """The group's template split at its saved activations; sets group.recompute_reason if not."""
     t = group.template
     diff_outputs = list(range(t.n_z)) + [t.n_z + i for i, d in enumerate(side_differentiable) if d]
     try:
-        part = partition(t.gm, diff_outputs)
+        part = partition(t.gm, diff_outputs, t.n_x, fold)
     except Exception as e:                          # noqa: BLE001 - becomes the report's reason
         group.recompute_reason = f"could not split fw/bw: {type(e).__name__}: " \
             f"{str(e).splitlines()[0][:160] if str(e) else ''}"

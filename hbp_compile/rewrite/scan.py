@@ -66,7 +66,8 @@ def reverse_linear_scan_sequential(a: torch.Tensor, k) -> torch.Tensor:
     rows[n - 1] = a[n - 1]
     for l in range(n - 2, -1, -1):
         kl = k[l] if isinstance(k, torch.Tensor) and k.dim() == a.dim() else k
-        rows[l] = a[l] + kl * rows[l + 1]
+        rows[l] = a[l] + rows[l + 1] if isinstance(kl, float) and kl == 1.0 \
+            else a[l] + kl * rows[l + 1]
     return torch.stack(rows)
 
 
