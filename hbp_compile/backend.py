@@ -144,6 +144,8 @@ class HBPBackend:
             _count("groups_unbatched", len(batched) - sum(batched))
             _count("groups_saved", sum(g.partition is not None for g in seg.groups))
             _count("groups_recomputed", sum(g.partition is None for g in seg.groups))
+            _count("norms_folded", sum(g.partition.folded for g in seg.groups
+                                       if g.partition is not None))
         restore_native_batch_norm(agm.graph)
         _stable_topological_sort(agm.graph)    # readers of x_l may precede the new call
         agm.graph.eliminate_dead_code()
@@ -193,7 +195,8 @@ def _stream_report(name, seg: Segment, spec, batched, reasons) -> StreamReport:
     groups = [GroupReport(gi, g.template.signature, g.template.summary, list(g.members),
                           batched[gi], reasons[gi], sum(g.shared),
                           g.partition.n_saved if g.partition is not None else -1,
-                          g.recompute_reason)
+                          g.recompute_reason,
+                          g.partition.folded if g.partition is not None else 0)
               for gi, g in enumerate(seg.groups)]
     if spec.gamma == 1:
         scan = "none (gamma=1: fixed-point iteration)"
@@ -205,7 +208,8 @@ def _stream_report(name, seg: Segment, spec, batched, reasons) -> StreamReport:
         scan = f"{spec.scan} diagonal scan, K_l = dr/dx_l" + \
             (f" x (1-gamma)={1 - spec.gamma:g}" if spec.gamma else "")
     else:
-        scan = "reverse cumsum" if spec.gamma == 0 else \
+        scan = ("reverse cumsum" if spec.scan != "sequential" else
+                f"reverse sum ({spec.length} fused adds)") if spec.gamma == 0 else \
             f"{spec.scan} scan, K=(1-gamma)I={1 - spec.gamma:g}I"
     return StreamReport(name=name, length=len(seg.blocks), residual_kind=seg.kind,
                         x0=seg.x0.name, blocks=blocks, groups=groups,

@@ -27,6 +27,7 @@ class GroupReport:
     shared_captures: int = 0        # captures that are one value for all members (tied weights)
     saved: int = -1                 # activations the forward saves per block; -1: recomputes
     recompute_reason: str = ""      # why the backward recomputes the block's forward
+    folded_norms: int = 0           # norms whose affine weights the final VJP folds into dW
 
     @property
     def size(self) -> int:
@@ -108,6 +109,7 @@ class GraphReport:
                 tied = f", {g.shared_captures} shared capture(s)" if g.shared_captures else ""
                 tied += f", {g.saved} saved activation(s) per block" if g.saved >= 0 else \
                     f", forward recomputed in the backward ({g.recompute_reason})"
+                tied += f", {g.folded_norms} norm affine(s) folded" if g.folded_norms else ""
                 lines.append(f"    group {g.index}: {g.size} block(s) {_ranges(g.members)} {how}"
                              f"{tied} -- {g.summary}")
             for b in s.blocks:

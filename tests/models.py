@@ -398,3 +398,49 @@ class Llama(nn.Module):
         idx = torch.randint(self.vocab, (batch_size, self.block_size))
         targets = torch.randint(self.vocab, (batch_size, self.block_size))
         return idx, targets
+
+
+# -----------------------------------------------------------------------------
+# Norm variants: the shapes that norm-affine folding must handle, or leave alone
+
+
+class NormFedBlock(nn.Module):
+    """LayerNorm feeding `fan` linears whose outputs are multiplied (q, k, v-like), or, with
+    side_path, a linear and a tanh of the norm's output (the norm feeds a non-linear: no fold)."""
+
+    def __init__(self, d, fan=1, affine=True, bias=True, side_path=False):
+        super().__init__()
+        self.ln = nn.LayerNorm(d, elementwise_affine=affine, bias=bias)
+        self.fcs = nn.ModuleList(nn.Linear(d, d) for _ in range(fan))
+        self.side_path = side_path
+
+    def forward(self, x):
+        y = self.ln(x)
+        z = self.fcs[0](y)
+        for fc in self.fcs[1:]:
+            z = z * fc(y)
+        return z + y.tanh() if self.side_path else z
+
+
+class NormStack(nn.Module):
+    """A residual stream of NormFedBlocks over a (B, T, d) input."""
+
+    def __init__(self, d=12, n_blocks=4, **block):
+        super().__init__()
+        self.d = d
+        self.blocks = nn.ModuleList(NormFedBlock(d, **block) for _ in range(n_blocks))
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = x + blk(x)
+        return self._loss(x)
+
+    def _loss(self, x):
+        return self.head(x).pow(2).mean()
+
+    def stream_view(self, x):
+        return [(x, list(self.blocks))], lambda states: self._loss(states[0][-1])
+
+    def example_inputs(self, batch_size=3):
+        return (torch.randn(batch_size, 5, self.d, dtype=_dtype(self)),)

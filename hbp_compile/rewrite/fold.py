@@ -88,7 +88,10 @@ def _fold_one(graph: fx.Graph, norm_bw: fx.Node) -> bool:
                 outer = call(aten.mul.Tensor, call(aten.unsqueeze.default, colsum, 1),
                              call(aten.unsqueeze.default, bias, 0))
                 new_dw = call(aten.add.Tensor, new_dw, outer)
-                db = call(aten.mv.default, call(aten.t.default, w_mat), colsum)
+                # colsum @ W as an elementwise product and a sum (under vmap, a matvec
+                # would become a bmm)
+                db = call(aten.sum.dim_IntList, call(aten.mul.Tensor, w_mat, call(
+                    aten.unsqueeze.default, colsum, 1)), [0])
                 d_beta = db if d_beta is None else call(aten.add.Tensor, d_beta, db)
             dg = call(aten.sum.dim_IntList, call(aten.mul.Tensor, w_mat, m), [0])
             d_gamma = dg if d_gamma is None else call(aten.add.Tensor, d_gamma, dg)
