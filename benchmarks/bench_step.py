@@ -146,6 +146,44 @@ class GRULoop(nn.Module):
         return F.cross_entropy(self.head(h), y)
 
 
+class BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN; with stride 2 the shortcut is a 1x1 conv + BN projection."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(cout)
+        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(cout)
+        self.short = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        z = self.b2(self.c2(F.relu(self.b1(self.c1(x)))))
+        return F.relu((x if self.short is None else self.short(x)) + z)
+
+
+class ResNetCIFAR(nn.Module):
+    """ResNet-(6n+2) for 32x32 images (He et al. 2016): n=9 is ResNet-56 (L=27 residual steps,
+    two of them projections)."""
+
+    def __init__(self, n=9, widths=(16, 32, 64), n_classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU())
+        blocks, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            for j in range(n):
+                blocks.append(BasicBlock(cin, w, 2 if i > 0 and j == 0 else 1))
+                cin = w
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(cin, n_classes)
+
+    def forward(self, x, y):
+        h = self.blocks(self.stem(x)).mean((2, 3))
+        return F.cross_entropy(self.head(h), y)
+
+
 @dataclasses.dataclass
 class Case:
     """A model and the batch it is timed on."""
@@ -165,6 +203,15 @@ CASES = {
                      lambda dev: (torch.randint(256, (8, 64), device=dev),
                                   torch.randint(256, (8, 64), device=dev))),
 }
+CASES["gpt12"] = Case("GPT 12 layers, d=256, 8 heads, SDPA, vocab 256, batch 8 x 128 (L=24; "
+                      "the paper's GPT-2-style setting, scaled down)",
+                      lambda: GPT(block_size=128, n_layer=12, n_head=8, n_embd=256, sdpa=True),
+                      lambda dev: (torch.randint(256, (8, 128), device=dev),
+                                   torch.randint(256, (8, 128), device=dev)))
+CASES["resnet56"] = Case("ResNet-56 (CIFAR, BN train mode), batch 32 x 3 x 32 x 32 (L=27)",
+                         ResNetCIFAR,
+                         lambda dev: (torch.randn(32, 3, 32, 32, device=dev),
+                                      torch.randint(10, (32,), device=dev)))
 for _T in (64, 256, 1024):      # run with --iters 0,3,5,10 --no-unbatched (the paper's Table 6)
     CASES[f"gru{_T}"] = Case(f"GRUCell loop T={_T}, hidden 64, batch 32, loss at the last step",
                              lambda T=_T: GRULoop(T),
@@ -187,37 +234,148 @@ def report_summary(backend):
     return out
 
 
+MATMUL_FLOPS = {
+    "aten.mm.default": lambda a, o: 2 * a[0].shape[0] * a[0].shape[1] * a[1].shape[1],
+    "aten.addmm.default": lambda a, o: 2 * a[1].shape[0] * a[1].shape[1] * a[2].shape[1],
+    "aten.bmm.default": lambda a, o: 2 * a[0].shape[0] * a[0].shape[1] * a[0].shape[2]
+    * a[1].shape[2],
+    "aten.convolution.default": lambda a, o: 2 * o.numel() * a[1].shape[1]
+    * math.prod(a[1].shape[2:]),
+}
+# SDPA's two (forward) or five (backward) T x T x head_dim matmuls, causal or not
+for _name, _mult in [("_scaled_dot_product_flash_attention_for_cpu", 2),
+                     ("_scaled_dot_product_flash_attention_for_cpu_backward", 5),
+                     ("_scaled_dot_product_efficient_attention", 2),
+                     ("_scaled_dot_product_efficient_attention_backward", 5),
+                     ("_scaled_dot_product_flash_attention", 2),
+                     ("_scaled_dot_product_flash_attention_backward", 5),
+                     ("_scaled_dot_product_cudnn_attention", 2),
+                     ("_scaled_dot_product_cudnn_attention_backward", 5)]:
+    MATMUL_FLOPS[f"aten.{_name}.default"] = (
+        lambda a, o, m=_mult, bw=_name.endswith("backward"):
+        2 * m * math.prod(a[1 if bw else 0].shape[:-1]) * a[2 if bw else 1].shape[-2]
+        * a[1 if bw else 0].shape[-1])
+
+
+def matmul_flops(gm) -> int:
+    """Matmul FLOPs of one run of an aten graph, from the shapes in its nodes' meta."""
+    total = 0
+    for n in gm.graph.nodes:
+        fn = MATMUL_FLOPS.get(str(n.target))
+        if fn is None:
+            continue
+        args = [a.meta.get("val") if hasattr(a, "meta") else a for a in n.args]
+        val = n.meta.get("val")
+        out = val[0] if isinstance(val, (tuple, list)) else val
+        try:
+            total += int(fn(args, out))
+        except Exception:                                   # noqa: BLE001 - symbolic shapes
+            pass
+    return total
+
+
+class RecordingInductor:
+    """backend="inductor", recording the forward and backward graphs handed to Inductor."""
+
+    def __init__(self):
+        self.graphs = {}
+
+    def __call__(self, gm, example_inputs):
+        from hbp_compile.codegen import compile_inductor
+
+        def on_graph(name, g):
+            self.graphs[name] = g
+        return compile_inductor(gm, example_inputs, on_graph, "exact")
+
+
+def graph_flops(graphs) -> dict:
+    return {k: matmul_flops(graphs[k]) for k in ("forward", "backward") if k in graphs}
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_step_memory_mb(step, dev) -> float:
+    """Peak memory of two steps above what was resident before them.
+
+    CUDA: max_memory_allocated. CPU: the process's peak RSS (VmHWM, reset through
+    /proc/self/clear_refs after malloc_trim) minus its RSS before the steps."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return float("nan")
+    base = _rss_kb("VmRSS:")
+    for _ in range(2):
+        step()
+    return (_rss_kb("VmHWM:") - base) / 1024
+
+
+def _flat_grads(model):
+    return torch.cat([p.grad.detach().flatten().double() for p in model.parameters()
+                      if p.grad is not None])
+
+
+def variant_list(args):
+    variants = [("exact", None)]
+    if args.eager:
+        variants.append(("eager", None))
+    variants += [(f"hbp{k}", dict(iters=k, batched=True)) for k in args.iters]
+    if args.unbatched:
+        variants += [(f"hbp{k}-unbatched", dict(iters=k, batched=False)) for k in args.iters]
+    if args.nofold:
+        variants += [(f"hbp{k}-nofold", dict(iters=k, batched=False, fold=False))
+                     for k in args.iters[:1]]
+    return variants
+
+
 def bench_model(name, case, args, dev, sync, log, budget):
     torch.manual_seed(0)
     base = case.make_model().to(dev)
     batch = case.make_batch(dev)
-    # most telling first, so that a spent budget skips the (slowest to compile) unbatched ones
-    variants = [("exact", None)]
-    variants += [(f"hbp{k}", dict(iters=k, batched=True)) for k in args.iters]
-    if args.unbatched:
-        variants += [(f"hbp{k}-unbatched", dict(iters=k, batched=False)) for k in args.iters]
-
+    # most telling first, so that a spent budget skips the (slowest to compile) later ones
     res, live = {}, []          # live: (name, step_fn) of the variants that compiled
+    grads = {}
     t_start = time.perf_counter()
-    for vname, opts in variants:
+    for vname, opts in variant_list(args):
         rec = res[vname] = dict(hbp=opts)
         if budget and time.perf_counter() - t_start > budget:
             rec["skipped"] = f"compile budget of {budget:.0f}s for this model spent"
             continue
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        backend = "inductor" if opts is None else hbp_backend(codegen="inductor", **opts)
-        cm = torch.compile(model, backend=backend)
+        if vname == "eager":
+            cm, backend = model, None
+        else:
+            backend = RecordingInductor() if opts is None else hbp_backend(codegen="inductor", **opts)
+            cm = torch.compile(model, backend=backend)
 
-        def step(cm=cm, opt=opt):
+        def step(cm=cm, opt=opt, model=model, keep=False):
             loss = cm(*batch)
             loss.backward()
+            if keep:
+                grads[vname] = _flat_grads(model)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
         try:
             sync(); t0 = time.perf_counter()
-            step()                                          # compiles forward and backward
+            step(keep=True)                                 # compiles forward and backward
             sync(); rec["compile_s"] = time.perf_counter() - t0
             for _ in range(args.warmup):
                 step()
@@ -226,15 +384,22 @@ def bench_model(name, case, args, dev, sync, log, budget):
             rec["traceback"] = traceback.format_exc()
             log(f"  {name}/{vname}: FAILED {rec['error']}")
             continue
-        if opts is not None:
+        if isinstance(backend, RecordingInductor):
+            rec["matmul_flops"] = graph_flops(backend.graphs)
+        elif backend is not None:
             rec["reports"] = report_summary(backend)
             rec["coverage"] = [r["coverage"] for r in rec["reports"]]
             rec["groups_batched"] = [g["batched"] for r in rec["reports"]
                                      for s in r["streams"] for g in s["groups"]]
             rec["fallback_reason"] = [r["fallback_reason"] for r in rec["reports"]
                                       if r["fallback_reason"]]
-            if not backend.reports:
+            if backend.reports:
+                rec["matmul_flops"] = graph_flops(backend.reports[-1].graphs)
+            else:
                 rec["warning"] = "the hbp backend was never called (Dynamo reused another entry?)"
+        if "exact" in grads and vname in grads:
+            a, b = grads["exact"], grads[vname]
+            rec["grad_cosine"] = float(a @ b / (a.norm() * b.norm()))
         log(f"  {name}/{vname}: compiled in {rec['compile_s']:.1f}s")
         live.append((vname, step))
 
@@ -244,35 +409,54 @@ def bench_model(name, case, args, dev, sync, log, budget):
             sync(); t0 = time.perf_counter()
             step()
             sync(); times[vname].append(1e3 * (time.perf_counter() - t0))
+    if args.memory:
+        for vname, step in live:
+            res[vname]["peak_step_mb"] = peak_step_memory_mb(step, dev)
 
     exact = statistics.median(times["exact"]) if times.get("exact") else None
     for vname, ts in times.items():
-        q = statistics.quantiles(ts, n=10) if len(ts) > 1 else ts * 9
+        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else ts * 3
         med = statistics.median(ts)
-        res[vname].update(median_ms=med, p10_ms=q[0], p90_ms=q[-1], times_ms=ts,
-                          ratio_vs_exact=med / exact if exact else None)
+        res[vname].update(median_ms=med, p25_ms=q[0], p75_ms=q[-1], iqr_ms=q[-1] - q[0],
+                          times_ms=ts, ratio_vs_exact=med / exact if exact else None)
     return dict(desc=case.desc, params=sum(p.numel() for p in base.parameters()),
                 variants=res)
 
 
+def _floor(r, exact):
+    """Matmul FLOPs of a variant's step (forward + backward graphs) over exact Inductor's."""
+    f, e = r.get("matmul_flops"), exact.get("matmul_flops")
+    if not f or not e or not sum(e.values()):
+        return None
+    return sum(f.values()) / sum(e.values())
+
+
 def print_table(results):
-    print(f"\n{'model':<5} {'variant':<16} {'median ms':>10} {'p10':>8} {'p90':>8} "
-          f"{'ratio':>6} {'compile s':>9}  batched  coverage")
+    head = (f"{'model':<9} {'variant':<16} {'median ms':>9} {'IQR':>6} {'ratio':>6} {'floor':>6} "
+            f"{'compile s':>9} {'warm s':>6} {'peak MB':>8} {'cos':>7}  batched  coverage")
+    print("\n" + head)
     for mname, m in results["models"].items():
+        exact = m["variants"].get("exact", {})
         for vname, r in m["variants"].items():
             if "median_ms" not in r:
-                print(f"{mname:<5} {vname:<16} {r.get('skipped') or r.get('error', '?')}")
+                print(f"{mname:<9} {vname:<16} {r.get('skipped') or r.get('error', '?')}")
                 continue
-            b = r.get("groups_batched")
-            cov = r.get("coverage")
-            print(f"{mname:<5} {vname:<16} {r['median_ms']:>10.2f} {r['p10_ms']:>8.2f} "
-                  f"{r['p90_ms']:>8.2f} {r['ratio_vs_exact'] or float('nan'):>6.2f} "
-                  f"{r['compile_s']:>9.1f}  {'-' if b is None else ''.join('yn'[not x] for x in b) or 'none':<7}  "
+            b, cov, fl = r.get("groups_batched"), r.get("coverage"), _floor(r, exact)
+            warm = r.get("compile_warm_s")
+            print(f"{mname:<9} {vname:<16} {r['median_ms']:>9.2f} {r['iqr_ms']:>6.2f} "
+                  f"{r['ratio_vs_exact'] or float('nan'):>6.2f} "
+                  f"{'-' if fl is None else f'{fl:.2f}':>6} {r['compile_s']:>9.1f} "
+                  f"{'-' if warm is None else f'{warm:.1f}':>6} "
+                  f"{r.get('peak_step_mb', float('nan')):>8.1f} "
+                  f"{r.get('grad_cosine', float('nan')):>7.4f}  "
+                  f"{'-' if b is None else ''.join('yn'[not x] for x in b) or 'none':<7}  "
                   f"{'-' if cov is None else ','.join(f'{c:.0%}' for c in cov)}"
                   + ("  FALLBACK" if r.get("fallback_reason") else ""))
 
 
 def plot(results, path):
+    """Step time / exact Inductor vs k per preset: batched and unbatched as lines with IQR
+    bars, exact Inductor (1.0) and eager exact as horizontal lines."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -280,15 +464,45 @@ def plot(results, path):
     except ImportError:
         return
     models = results["models"]
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.5), squeeze=False)
     for ax, (mname, m) in zip(axes[0], models.items()):
-        vs = {v: r["ratio_vs_exact"] for v, r in m["variants"].items() if r.get("ratio_vs_exact")}
-        ax.bar(list(vs), list(vs.values()))
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_title(mname), ax.set_ylabel("step time / exact")
-        ax.tick_params(axis="x", rotation=45)
+        vs = m["variants"]
+        ex = vs.get("exact", {}).get("median_ms")
+        if not ex:
+            continue
+        for suffix, label in (("", "Highway-BP batched"), ("-unbatched", "unbatched")):
+            pts = sorted((int(v[3:].split("-")[0]), r) for v, r in vs.items()
+                         if v.startswith("hbp") and v[3:].split("-")[0].isdigit()
+                         and v == f"hbp{v[3:].split('-')[0]}{suffix}" and r.get("median_ms"))
+            if pts:
+                ks = [k for k, _ in pts]
+                ax.errorbar(ks, [r["median_ms"] / ex for _, r in pts],
+                            yerr=[[(r["median_ms"] - r["p25_ms"]) / ex for _, r in pts],
+                                  [(r["p75_ms"] - r["median_ms"]) / ex for _, r in pts]],
+                            marker="o", capsize=3, label=label)
+        ax.axhline(1.0, color="k", lw=0.8, label="exact (Inductor)")
+        if vs.get("eager", {}).get("median_ms"):
+            ax.axhline(vs["eager"]["median_ms"] / ex, color="gray", ls="--", lw=0.8,
+                       label="exact (eager)")
+        ax.set_title(mname), ax.set_xlabel("k (iters)"), ax.set_ylabel("step time / exact")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{results['device_name']}, torch {results['torch']}, "
+                 f"{results['threads']} thread(s)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
+
+
+def warm_compile(args, out):
+    """Compile every variant again in a fresh process (Inductor/AOTAutograd caches warm)."""
+    import subprocess
+    cmd = [sys.executable, os.path.abspath(__file__), *args.argv_child, "--steps", "0",
+           "--no-memory", "--no-warm", "--out", out + ".warm.json"]
+    subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL)
+    try:
+        with open(out + ".warm.json") as f:
+            return json.load(f)
+    except OSError:
+        return None
 
 
 def main():
@@ -298,21 +512,30 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"],
                    default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--models", default="mlp,gpt")
-    p.add_argument("--iters", default="1,2,3")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--models", default="mlp,gpt-sdpa,gpt")
+    p.add_argument("--iters", default="0,1,2")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (CPU), pinned")
     p.add_argument("--quick", action="store_true", help="5 timed steps, 1 warmup (smoke test)")
     p.add_argument("--no-unbatched", dest="unbatched", action="store_false",
                    help="skip the batched=False variants (long RNNs: one VJP per step)")
+    p.add_argument("--no-eager", dest="eager", action="store_false", help="skip eager exact")
+    p.add_argument("--nofold", action="store_true", help="also hbp at the first k, fold=False")
+    p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--no-warm", dest="warm", action="store_false",
+                   help="skip the second process that measures warm (cached) compile times")
     p.add_argument("--budget", type=float, default=0,
                    help="seconds of compiling for the whole run, shared among the models; "
                         "a model compiles no further variants once its share is spent (0: none)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    args.argv_child = [a for a in sys.argv[1:]]
     args.iters = [int(k) for k in args.iters.split(",")]
     args.steps, args.warmup = (5, 1) if args.quick else (args.steps, 3)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"bench_step_{args.device}.json")
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
 
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -326,10 +549,17 @@ def main():
 
     results = dict(torch=torch.__version__, python=platform.python_version(),
                    device=args.device, threads=torch.get_num_threads(),
+                   omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
                    device_name=torch.cuda.get_device_name() if dev.type == "cuda"
                    else (platform.processor() or platform.machine()),
-                   steps=args.steps, warmup=args.warmup, optimizer="SGD(lr=1e-3)",
-                   fx_graph_cache=torch._inductor.config.fx_graph_cache,  # warm: compile_s lower
+                   cpu_count=os.cpu_count(), steps=args.steps, warmup=args.warmup,
+                   optimizer="SGD(lr=1e-3)",
+                   fx_graph_cache=torch._inductor.config.fx_graph_cache,
+                   memory="peak of 2 steps above resident: " + (
+                       "torch.cuda.max_memory_allocated" if dev.type == "cuda" else
+                       "VmHWM after malloc_trim and a clear_refs reset, minus VmRSS"),
+                   floor="matmul FLOPs (mm, addmm, bmm, convolution, SDPA) of the forward and "
+                         "backward graphs handed to Inductor, over exact Inductor's",
                    argv=sys.argv[1:], models={})
     t0 = time.perf_counter()
     names = args.models.split(",")
@@ -342,6 +572,16 @@ def main():
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:                           # after every model: partial results
             json.dump(results, f, indent=1, default=str)
+    if args.warm and args.steps:
+        warm = warm_compile(args, out)
+        for mname, m in (warm or {}).get("models", {}).items():
+            for vname, r in m["variants"].items():
+                if "compile_s" in r and vname in results["models"][mname]["variants"]:
+                    results["models"][mname]["variants"][vname]["compile_warm_s"] = r["compile_s"]
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    if not args.steps:
+        return
     print_table(results)
     print(f"\n{results['device_name']}, torch {torch.__version__}, {results['threads']} threads, "
           f"{args.steps} steps; wall {results['wall_s']:.0f}s; wrote {out}")

@@ -3,8 +3,8 @@
 #     bash benchmarks/run_gpu.sh            # results under $OUT if set, else benchmarks/results
 #     WHICH=gru bash benchmarks/run_gpu.sh  # the GRU-over-time benchmark instead
 #     WHICH=scan bash benchmarks/run_gpu.sh # sequential vs log-depth scan (scan="auto"'s rule)
-# Whole run < 8 min: 330 s of compiling shared by the two models, then a hard stop at 450 s
-# (the JSON is written after each model, so a stop in the second keeps the first).
+# Whole run < 8 min: exactness checks (< 2 min), then 200 s of compiling shared by the presets
+# and a hard stop at 330 s (the JSON is written after each preset, so a stop keeps the others).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python || command -v python3)}
@@ -24,8 +24,11 @@ elif [ "${WHICH:-step}" = gru ]; then   # WHICH=gru: the paper's Table 6 setting
     timeout -k 10 450 "$PY" benchmarks/bench_step.py --device cuda --budget 330 \
         --models gru256,gru1024 --iters 0,3,5,10 --no-unbatched \
         --out "$DEST/bench_gru_cuda.json" 2>&1 | tee "$DEST/bench_gru_cuda.log"
-else
-    timeout -k 10 450 "$PY" benchmarks/bench_step.py --device cuda --budget 330 \
+else                                    # default: exactness on CUDA, then the step benchmark
+    timeout -k 10 120 "$PY" benchmarks/cuda_check.py --out "$DEST/cuda_check.json" 2>&1 \
+        | tee "$DEST/cuda_check.log"
+    timeout -k 10 330 "$PY" benchmarks/bench_step.py --device cuda --budget 200 --steps 30 \
+        --models gpt-sdpa,mlp,gpt12 --iters 0,1,2 --no-warm \
         --out "$DEST/bench_step_cuda.json" 2>&1 | tee "$DEST/bench_step_cuda.log"
 fi
 echo "exit ${PIPESTATUS[0]}"

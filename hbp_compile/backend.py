@@ -163,10 +163,26 @@ class HBPBackend:
             return False, "a single block"
         if not self.config.batched:
             return False, "batching disabled (batched=False)"
+        if self.config.batched == "auto" and (why := _not_worth_batching(group)):
+            return False, why
         reason = batching_problem(group)
         if reason is not None and self.config.strict:
             raise HBPError(f"group of {group.size} blocks cannot be batched: {reason}")
         return reason is None, reason or ""
+
+
+def _not_worth_batching(group) -> str:
+    """batched="auto": why batching this group would cost more than it saves, or "".
+
+    A batched round stacks the members' saved activations and (unless tied) their weights, a
+    copy of each every step. On a GPU that copy is cheap next to the kernel launches it saves;
+    on a CPU nothing is saved (the same arithmetic, one thread), so only tied-weight groups
+    (an RNN cell over time: no weights to stack, and T copies of the VJP otherwise) batch."""
+    val = group.template.gm.graph.find_nodes(op="placeholder")[0].meta.get("val")
+    if getattr(getattr(val, "device", None), "type", "cpu") == "cuda" or any(group.shared):
+        return ""
+    return ("auto: on a CPU, stacking the members' weights and saved activations costs more "
+            "than one batched VJP saves (batched=True forces it)")
 
 
 def _try(fn, *args):

@@ -18,7 +18,7 @@ class HBPConfig:
     gamma: float = 0.0              # the paper's gamma split (0 = plain Highway-BP)
     codegen: str = "inductor"       # "inductor" or "eager" (aot_autograd, no codegen)
     strict: bool = False            # raise instead of falling back to exact backprop
-    batched: bool = True            # one VJP per group of identical blocks per round
+    batched: object = "auto"        # one VJP per group per round: True, False, or "auto"
     min_length: int = 2             # shortest stream to rewrite (a lone add is often no residual)
     scan: str = "auto"              # diagonal scan: "sequential", "log-depth", or by length
     recompute: bool = False         # rerun blocks' forward in the backward instead of saving
@@ -33,7 +33,9 @@ class HBPConfig:
             raise ValueError(f"hbp_backend: gamma must be a number in [0, 1], got {self.gamma!r}")
         if self.codegen not in CODEGENS:
             raise ValueError(f"hbp_backend: codegen must be one of {CODEGENS}, got {self.codegen!r}")
-        for name in ("strict", "batched", "recompute", "fold"):
+        if self.batched != "auto" and not isinstance(self.batched, bool):
+            raise ValueError(f"hbp_backend: batched must be a bool or 'auto', got {self.batched!r}")
+        for name in ("strict", "recompute", "fold"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"hbp_backend: {name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.min_length, bool) or not isinstance(self.min_length, int) or self.min_length < 1:

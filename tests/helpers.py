@@ -48,6 +48,7 @@ def oracle(model, inputs, k, gamma=0.0):
 def compiled(model, inputs, k, codegen="eager", **options):
     """Loss, gradients and backend of torch.compile(copy, backend=hbp_backend(k, ...))."""
     m = copy.deepcopy(model)
+    options.setdefault("batched", True)          # the batched path, even where "auto" wouldn't
     backend = hbp_backend(iters=k, codegen=codegen, **options)
     cm = torch.compile(m, backend=backend)
     xs = clone_inputs(inputs)

@@ -64,7 +64,7 @@ def run_exact(model, inputs, seed=0):
 def run_compiled(model, inputs, k, seed=0, **options):
     torch._dynamo.reset()
     m = copy.deepcopy(model)
-    backend = hbp_backend(iters=k, codegen="eager", **options)
+    backend = hbp_backend(iters=k, codegen="eager", **{"batched": True, **options})
     torch.manual_seed(seed)
     loss = torch.compile(m, backend=backend)(**inputs).loss
     loss.backward()

@@ -17,7 +17,7 @@ def test_dynamic_shapes_one_graph_two_batch_sizes(factory):
     """dynamic=True: the rewrite keeps the batch size symbolic (no recompile per size)."""
     torch.manual_seed(0)
     model = factory().double()
-    backend = hbp_backend(iters=2, codegen="eager")
+    backend = hbp_backend(iters=2, codegen="eager", batched=True)
     cm = torch.compile(copy.deepcopy(model), backend=backend, dynamic=True)
     for batch in (3, 7):
         inputs = model.example_inputs(batch)
@@ -94,7 +94,7 @@ def test_batchnorm_buffers_identical_and_grads_right(k):
     ref = copy.deepcopy(model)
     _, want = exact(ref, (x,)) if k >= 4 else oracle(ref, (x,), k)
     m = copy.deepcopy(model)
-    backend = hbp_backend(iters=k, codegen="eager")
+    backend = hbp_backend(iters=k, codegen="eager", batched=True)
     loss = torch.compile(m, backend=backend)(x.clone().requires_grad_(True))
     loss.backward()
     exact_model = copy.deepcopy(model)

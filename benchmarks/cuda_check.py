@@ -1,0 +1,79 @@
+"""Highway-BP through Inductor on CUDA: exact at k >= L, saved == recompute at small k.
+
+    python benchmarks/cuda_check.py --out DIR/cuda_check.json
+
+No test framework on the GPU machine: prints one line per check and writes JSON. The oracle is
+eager autograd (exact once iters >= L) and, at k < L, the recompute=True backward (the
+re-linearising path, which shares no saved-activation code) within float32 tolerance."""
+import argparse
+import copy
+import json
+import sys
+import os
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_step as bs                                  # noqa: E402
+from hbp_compile import hbp_backend                       # noqa: E402
+
+
+def grads(model, batch, backend=None):
+    m = copy.deepcopy(model)
+    cm = m if backend is None else torch.compile(m, backend=backend)
+    cm(*batch).backward()
+    return torch.cat([p.grad.flatten().double() for p in m.parameters()]), backend
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="cuda_check.json")
+    p.add_argument("--device", default="cuda", help="cpu: a dry run of this script")
+    args = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.device(args.device)
+    out = dict(torch=torch.__version__, device=torch.cuda.get_device_name()
+               if dev.type == "cuda" else "cpu", checks=[])
+    cases = [("gpt-sdpa", lambda: bs.GPT(n_layer=2, sdpa=True), 4),
+             ("gpt", lambda: bs.GPT(n_layer=2), 4),
+             ("mlp", lambda: bs.ResMLP(n_blocks=6), 6)]
+    for name, make, L in cases:
+        torch.manual_seed(0)
+        model = make().to(dev)
+        batch = bs.CASES[name].make_batch(dev)
+        want, _ = grads(model, batch)
+        for k, opts in [(L, {}), (1, {}), (1, dict(recompute=True)), (1, dict(batched=False))]:
+            torch._dynamo.reset()
+            try:
+                got, be = grads(model, batch, hbp_backend(iters=k, **opts))
+                rep = be.reports[-1]
+                rec = dict(model=name, k=k, opts=opts, rel_err_vs_exact=rel(got, want),
+                           coverage=rep.coverage, fallback=rep.fallback_reason,
+                           groups=[(g.batched, g.saved, g.folded_norms)
+                                   for s in rep.streams for g in s.groups])
+                rec["grads"] = got
+            except Exception as e:                        # noqa: BLE001
+                rec = dict(model=name, k=k, opts=opts, error=f"{type(e).__name__}: {e}")
+            out["checks"].append(rec)
+        base = [c for c in out["checks"] if c["model"] == name and c.get("k") == 1
+                and "grads" in c]
+        for c in base[1:]:
+            c["rel_err_vs_saved_k1"] = rel(c["grads"], base[0]["grads"])
+    for c in out["checks"]:
+        c.pop("grads", None)
+        ok = c.get("error") is None and (c["k"] < 4 or c["rel_err_vs_exact"] < 1e-4) and \
+            c.get("rel_err_vs_saved_k1", 0) < 1e-4 and not c.get("fallback")
+        c["ok"] = bool(ok)
+        print(("PASS " if ok else "FAIL ") + json.dumps(c, default=str), flush=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    print(f"{sum(c['ok'] for c in out['checks'])} passed, "
+          f"{sum(not c['ok'] for c in out['checks'])} failed")
+
+
+if __name__ == "__main__":
+    main()
