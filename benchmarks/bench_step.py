@@ -326,6 +326,13 @@ def peak_step_memory_mb(step, dev) -> float:
     return (_rss_kb("VmHWM:") - base) / 1024
 
 
+def _cache_counters() -> dict:
+    """Inductor FX-graph and AOTAutograd cache hits, misses and bypasses so far."""
+    from torch._dynamo.utils import counters
+    return {f"{group}.{k}": v for group in ("inductor", "aot_autograd")
+            for k, v in counters[group].items() if "cache" in k}
+
+
 def _flat_grads(model):
     return torch.cat([p.grad.detach().flatten().double() for p in model.parameters()
                       if p.grad is not None])
@@ -374,9 +381,12 @@ def bench_model(name, case, args, dev, sync, log, budget):
             opt.zero_grad(set_to_none=True)
 
         try:
+            before = _cache_counters()
             sync(); t0 = time.perf_counter()
             step(keep=True)                                 # compiles forward and backward
             sync(); rec["compile_s"] = time.perf_counter() - t0
+            rec["caches"] = {k: v - before.get(k, 0) for k, v in _cache_counters().items()
+                             if v - before.get(k, 0)}
             for _ in range(args.warmup):
                 step()
         except Exception as e:                              # noqa: BLE001 - recorded, run goes on
@@ -495,8 +505,8 @@ def plot(results, path):
 def warm_compile(args, out):
     """Compile every variant again in a fresh process (Inductor/AOTAutograd caches warm)."""
     import subprocess
-    cmd = [sys.executable, os.path.abspath(__file__), *args.argv_child, "--steps", "0",
-           "--no-memory", "--no-warm", "--out", out + ".warm.json"]
+    cmd = [sys.executable, os.path.abspath(__file__), *args.argv_child, "--compile-only",
+           "--no-warm", "--out", out + ".warm.json"]
     subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL)
     try:
         with open(out + ".warm.json") as f:
@@ -527,11 +537,14 @@ def main():
     p.add_argument("--budget", type=float, default=0,
                    help="seconds of compiling for the whole run, shared among the models; "
                         "a model compiles no further variants once its share is spent (0: none)")
+    p.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     args.argv_child = [a for a in sys.argv[1:]]
     args.iters = [int(k) for k in args.iters.split(",")]
     args.steps, args.warmup = (5, 1) if args.quick else (args.steps, 3)
+    if args.compile_only:                   # the warm-compile child: compile, time nothing
+        args.steps, args.warmup, args.memory = 0, 0, False
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"bench_step_{args.device}.json")
     if args.device == "cpu":
@@ -578,6 +591,7 @@ def main():
             for vname, r in m["variants"].items():
                 if "compile_s" in r and vname in results["models"][mname]["variants"]:
                     results["models"][mname]["variants"][vname]["compile_warm_s"] = r["compile_s"]
+                    results["models"][mname]["variants"][vname]["caches_warm"] = r.get("caches")
         with open(out, "w") as f:
             json.dump(results, f, indent=1, default=str)
     if not args.steps:

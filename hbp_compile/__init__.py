@@ -29,7 +29,10 @@ _string_backends: dict[HBPConfig, HBPBackend] = {}
 
 def dynamo_backend(gm, example_inputs, options: dict | None = None, mode=None):
     """The `backend="hbp"` entry point: torch.compile(m, backend="hbp", options={"iters": 2})."""
-    config = HBPConfig(**(options or {}))
+    options = dict(options or {})
+    if mode is not None:
+        options.setdefault("mode", mode)
+    config = HBPConfig(**options)
     backend = _string_backends.setdefault(config, HBPBackend(config))
     return backend(gm, example_inputs)
 

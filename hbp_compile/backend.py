@@ -74,17 +74,18 @@ class HBPBackend:
             self._on_graph(report, name, g)
 
         codegen, key = self.config.codegen, self.config.cache_key()
+        patches = self.config.inductor_patches()
         stage = "the pass"
         try:
             rewritten = self._rewrite(gm, example_inputs, report)
             if rewritten is not None:
                 stage = "compiling the rewritten graph"
-                return compile_graph(rewritten, example_inputs, codegen, on_graph, key)
+                return compile_graph(rewritten, example_inputs, codegen, on_graph, key, patches)
         except (HBPError, *_RESTARTS):
             raise
         except Exception as e:                      # noqa: BLE001 - reported, never swallowed
             self._fall_back(report, f"{stage} failed: {type(e).__name__}: {e}", e)
-        return compile_graph(gm, example_inputs, codegen, on_graph, key)
+        return compile_graph(gm, example_inputs, codegen, on_graph, key, patches)
 
     def _dump(self, report: GraphReport) -> None:
         if self.config.dump_dir is not None:

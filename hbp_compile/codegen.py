@@ -54,8 +54,12 @@ def deep_recursion(limit: int = 100_000):
         sys.setrecursionlimit(old)
 
 
-def compile_inductor(gm: fx.GraphModule, example_inputs, on_graph: OnGraph, cache_key: str):
-    """compile_fx with an inner compiler that records each partitioned graph first."""
+def compile_inductor(gm: fx.GraphModule, example_inputs, on_graph: OnGraph, cache_key: str,
+                     patches: dict | None = None):
+    """compile_fx with an inner compiler that records each partitioned graph first.
+
+    `patches` (the backend's mode and Inductor options) reach compile_fx as config patches,
+    which it also applies to the backward, compiled later (so CUDA graphs cover both)."""
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
     def inner_compile(g, inputs, **kwargs):
@@ -63,13 +67,14 @@ def compile_inductor(gm: fx.GraphModule, example_inputs, on_graph: OnGraph, cach
         with deep_recursion():          # the backward compiles later, at the first backward
             return compile_fx_inner(g, inputs, **kwargs)
 
-    patches = {"joint_custom_post_pass": _joint_pass(cache_key, on_graph)}
+    patches = {**(patches or {}), "joint_custom_post_pass": _joint_pass(cache_key, on_graph)}
     with deep_recursion():
         return compile_fx(gm, example_inputs, inner_compile=inner_compile,
                           config_patches=patches)
 
 
-def compile_eager(gm: fx.GraphModule, example_inputs, on_graph: OnGraph, cache_key: str):
+def compile_eager(gm: fx.GraphModule, example_inputs, on_graph: OnGraph, cache_key: str,
+                  patches: dict | None = None):
     """AOTAutograd with boxed eager compilers: the same graphs, run without codegen."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
@@ -89,10 +94,11 @@ def compile_eager(gm: fx.GraphModule, example_inputs, on_graph: OnGraph, cache_k
     return backend(gm, example_inputs)
 
 
-def compile_graph(gm, example_inputs, codegen: str, on_graph: OnGraph, cache_key: str):
-    """Compile with the configured code generator."""
+def compile_graph(gm, example_inputs, codegen: str, on_graph: OnGraph, cache_key: str,
+                  patches: dict | None = None):
+    """Compile with the configured code generator (eager ignores Inductor's patches)."""
     compile_fn = compile_inductor if codegen == "inductor" else compile_eager
-    return compile_fn(gm, example_inputs, on_graph, cache_key)
+    return compile_fn(gm, example_inputs, on_graph, cache_key, patches)
 
 
 def count_block_vjps(bw: fx.GraphModule) -> dict[str, dict[str, int]]:

@@ -8,6 +8,7 @@ from typing import Optional
 
 CODEGENS = ("inductor", "eager")
 SCANS = ("auto", "sequential", "log-depth")      # rewrite.scan.choose_scan
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +24,8 @@ class HBPConfig:
     scan: str = "auto"              # diagonal scan: "sequential", "log-depth", or by length
     recompute: bool = False         # rerun blocks' forward in the backward instead of saving
     fold: bool = True               # fold norm affine weights into the final VJP's dW
+    mode: Optional[str] = None      # torch.compile's mode for Inductor ("reduce-overhead": CUDA graphs)
+    inductor_options: tuple = ()    # Inductor config patches, (key, value) pairs (a dict is accepted)
     dump_dir: Optional[str] = None  # where to write graphs and reports (not in the cache key)
 
     def __post_init__(self):
@@ -45,6 +48,24 @@ class HBPConfig:
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
             raise ValueError(f"hbp_backend: dump_dir must be a path or None, got {self.dump_dir!r}")
         object.__setattr__(self, "gamma", float(self.gamma))
+        if self.mode not in MODES:
+            raise ValueError(f"hbp_backend: mode must be one of {MODES}, got {self.mode!r}")
+        opts = self.inductor_options
+        if isinstance(opts, dict):
+            opts = tuple(sorted(opts.items()))
+        if not isinstance(opts, tuple) or not all(isinstance(k, str) for k, _ in opts):
+            raise ValueError("hbp_backend: inductor_options must be a dict of Inductor config "
+                             f"names to values, got {self.inductor_options!r}")
+        object.__setattr__(self, "inductor_options", opts)
+
+    def inductor_patches(self) -> dict:
+        """Inductor config patches for `mode` (as torch.compile sets them) and the options."""
+        patches = {}
+        if self.mode not in (None, "default"):
+            from torch._inductor import list_mode_options
+            patches.update(list_mode_options(self.mode))
+        patches.update(dict(self.inductor_options))
+        return patches
 
     def cache_key(self) -> str:
         """Hash of every option that changes the emitted graphs."""

@@ -194,3 +194,35 @@ def test_deep_recursion_is_scoped():
     with deep_recursion(before + 5000):
         assert sys.getrecursionlimit() == before + 5000
     assert sys.getrecursionlimit() == before
+
+
+@pytest.mark.inductor
+def test_mode_and_inductor_options_reach_inductor_for_both_graphs():
+    """mode= sets Inductor's config as torch.compile's mode does (reduce-overhead: CUDA graphs,
+    skipped on a CPU), inductor_options= patches it; the backward, compiled at the first
+    backward call, sees them too."""
+    import uuid
+
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    seen = []
+
+    class Spy(CustomGraphPass):
+        def __call__(self, graph):
+            seen.append(torch._inductor.config.triton.cudagraphs)
+
+        def uuid(self):
+            return f"spy-{key}"            # a fresh key: no FX-graph cache hit skips the pass
+
+    key = uuid.uuid4().hex
+    torch.manual_seed(0)
+    model = ResMLP(n_blocks=3)
+    backend = hbp_backend(iters=1, mode="reduce-overhead",
+                          inductor_options={"post_grad_custom_post_pass": Spy()})
+    torch.compile(model, backend=backend)(*model.example_inputs(2)).backward()
+    assert seen == [True, True]                       # forward and backward graphs
+    assert backend.reports[0].rewritten_blocks == 3
+    with pytest.raises(ValueError, match="mode"):
+        hbp_backend(iters=1, mode="fast")
+    with pytest.raises(ValueError, match="inductor_options"):
+        hbp_backend(iters=1, inductor_options=[1, 2])

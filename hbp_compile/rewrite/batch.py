@@ -77,10 +77,29 @@ def _vmapped(target, values, flags, spec):
     return out, True
 
 
-def run_batched(gm: fx.GraphModule, args, batched) -> tuple[tuple, tuple]:
+def _summed_matmul(node: fx.Node, env, flag):
+    """sum over members of a batched mm(P, Q), as ONE mm with the member axis folded into the
+    contracted axis: (a, n*R) @ (n*R, c), never materialising the (n, a, c) products; None
+    if `node` (through transposes) is no such mm."""
+    chain = []
+    while node.target is aten.t.default:
+        chain.append(node)
+        node = node.args[0]
+    if node.target is not aten.mm.default or not all(flag.get(a) is True for a in node.args):
+        return None
+    p, q = (env[a] for a in node.args)                  # (n, a, R), (n, R, c)
+    out = p.permute(1, 0, 2).reshape(p.shape[1], -1) @ q.reshape(-1, q.shape[-1])
+    for _ in chain:
+        out = out.t()
+    return out
+
+
+def run_batched(gm: fx.GraphModule, args, batched, summed=()) -> tuple[tuple, tuple]:
     """Run gm over args; batched[i]: args[i] has the member axis at dim 0.
 
-    Returns (outputs, flags): which outputs carry the member axis."""
+    Outputs whose index is in `summed` are summed over the members (a tied weight's gradient:
+    its dW = mm(t(dh), a) becomes one mm over all members' rows). Returns (outputs, flags):
+    which outputs carry the member axis."""
     env: dict = {}
     flag: dict = {}
     inputs = iter(zip(args, batched))
@@ -92,8 +111,14 @@ def run_batched(gm: fx.GraphModule, args, batched) -> tuple[tuple, tuple]:
             env[node], flag[node] = _run_node(node, env, flag, n)
         elif node.op == "output":
             outs, _ = tree_flatten(node.args[0])
-            return (tuple(env[o] if isinstance(o, fx.Node) else o for o in outs),
-                    tuple(isinstance(o, fx.Node) and _any(flag[o]) for o in outs))
+            values = [env[o] if isinstance(o, fx.Node) else o for o in outs]
+            flags = [isinstance(o, fx.Node) and _any(flag[o]) for o in outs]
+            for i in summed:
+                folded = _summed_matmul(outs[i], env, flag) if flags[i] else None
+                values[i] = folded if folded is not None else \
+                    values[i].sum(0) if flags[i] else values[i] * n
+                flags[i] = False
+            return tuple(values), tuple(flags)
         else:
             raise NotImplementedError(f"{node.op} node in a block backward")
     raise AssertionError("graph without output")

@@ -223,23 +223,21 @@ class _GroupVJP:
         flags = [True] * m + [d is not None for d in dims] + [True] * (g.n_random + n_act)
         self.X = args[:m]
 
-        def run(bw, cots):
-            res, batched = run_batched(bw, [*args, *cots], [*flags, *[True] * len(cots)])
-            return [r if b else r.expand(n, *r.shape) for r, b in zip(res, batched)]
-
-        def cap_grads_of(res, offset):
-            out = []
-            for j, i in zip(self.diff, cap_grads):
-                r = res[i - offset]
-                out.append(r.sum(0) if self.shared[j] else r)   # shared weight: sum members
-            return out
+        def run(bw, cots, offset):
+            # a shared weight's gradient is the sum over members, reduced inside the run
+            summed = [i - offset for j, i in zip(self.diff, cap_grads) if self.shared[j]]
+            res, batched = run_batched(bw, [*args, *cots], [*flags, *[True] * len(cots)],
+                                       summed)
+            return [r if b or i in summed else r.expand(n, *r.shape)
+                    for i, (r, b) in enumerate(zip(res, batched))]
 
         def fn(cots):
-            res = run(P.bw, cots)
-            return (*[res[i] for i in x_grads], *cap_grads_of(res, 0))
+            res = run(P.bw, cots, 0)
+            return (*[res[i] for i in x_grads], *[res[i] for i in cap_grads])
 
         def pfn(cots):
-            return tuple(cap_grads_of(run(P.bw_params, cots), m))
+            res = run(P.bw_params, cots, m)
+            return tuple(res[i - m] for i in cap_grads)
         self.fns, self.pfns = [fn], [pfn]
         return [torch.stack([saved[l][n_act + j] for l in members]) for j in range(g.n_z)] \
             if g.residual is not None else [None] * g.n_z
