@@ -218,3 +218,16 @@ def test_batchnorm_outside_the_stream():
     ref(x)
     for (name, b), b_ref in zip(m.named_buffers(), ref.buffers()):
         assert torch.equal(b, b_ref), name
+
+
+
+def test_dynamic_shapes_keep_the_recomputing_backward_and_say_so():
+    """Symbolic sizes: the template is not split (the batched split's batching rules would
+    specialise the batch size); the backward re-linearises, and the report says why."""
+    torch.manual_seed(1)
+    model = GPT(n_layer=2).double()
+    backend = hbp_backend(iters=1, codegen="eager", batched=True)
+    cm = torch.compile(copy.deepcopy(model), backend=backend, dynamic=True)
+    cm(*model.example_inputs(3)).backward()
+    for g in backend.reports[0].streams[0].groups:
+        assert g.saved == -1 and "symbolic sizes" in g.recompute_reason, str(backend.reports[0])
