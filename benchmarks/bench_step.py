@@ -285,11 +285,32 @@ class RecordingInductor:
 
         def on_graph(name, g):
             self.graphs[name] = g
-        return compile_inductor(gm, example_inputs, on_graph, "exact")
+        # an AOTAutograd cache hit would skip the compilers that record the graphs
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            return compile_inductor(gm, example_inputs, on_graph, "exact")
 
 
 def graph_flops(graphs) -> dict:
     return {k: matmul_flops(graphs[k]) for k in ("forward", "backward") if k in graphs}
+
+
+def kernel_count(code: str) -> int:
+    """Kernel launches in one run of an Inductor module: generated kernels (cpp_fused_*,
+    Triton .run), extern kernels (matmuls, SDPA) and aten fallbacks, in its call()."""
+    body = code.split("def call(", 1)[-1].split("\ndef ", 1)[0]
+    calls = 0
+    for line in body.splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            continue
+        calls += (line.startswith("cpp_fused_") or ".run(" in line or "extern_kernels." in line
+                  or "torch.ops.aten." in line or line.startswith("aten."))
+    return calls
+
+
+def graph_kernels(graphs) -> dict:
+    return {k: kernel_count(graphs[f"{k}_code"]) for k in ("forward", "backward")
+            if isinstance(graphs.get(f"{k}_code"), str)}
 
 
 def _rss_kb(field: str) -> int:
@@ -396,6 +417,7 @@ def bench_model(name, case, args, dev, sync, log, budget):
             continue
         if isinstance(backend, RecordingInductor):
             rec["matmul_flops"] = graph_flops(backend.graphs)
+            rec["kernels"] = graph_kernels(backend.graphs)
         elif backend is not None:
             rec["reports"] = report_summary(backend)
             rec["coverage"] = [r["coverage"] for r in rec["reports"]]
@@ -405,6 +427,7 @@ def bench_model(name, case, args, dev, sync, log, budget):
                                       if r["fallback_reason"]]
             if backend.reports:
                 rec["matmul_flops"] = graph_flops(backend.reports[-1].graphs)
+                rec["kernels"] = graph_kernels(backend.reports[-1].graphs)
             else:
                 rec["warning"] = "the hbp backend was never called (Dynamo reused another entry?)"
         if "exact" in grads and vname in grads:
@@ -425,6 +448,8 @@ def bench_model(name, case, args, dev, sync, log, budget):
 
     exact = statistics.median(times["exact"]) if times.get("exact") else None
     for vname, ts in times.items():
+        if not ts:                                  # --compile-only
+            continue
         q = statistics.quantiles(ts, n=4) if len(ts) > 1 else ts * 3
         med = statistics.median(ts)
         res[vname].update(median_ms=med, p25_ms=q[0], p75_ms=q[-1], iqr_ms=q[-1] - q[0],

@@ -63,9 +63,14 @@ def compile_inductor(gm: fx.GraphModule, example_inputs, on_graph: OnGraph, cach
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
     def inner_compile(g, inputs, **kwargs):
-        on_graph("backward" if kwargs.get("is_backward") else "forward", g)
+        name = "backward" if kwargs.get("is_backward") else "forward"
+        on_graph(name, g)
         with deep_recursion():          # the backward compiles later, at the first backward
-            return compile_fx_inner(g, inputs, **kwargs)
+            compiled = compile_fx_inner(g, inputs, **kwargs)
+        code = getattr(compiled, "source_code", None)    # Inductor's generated module
+        if code is not None:
+            on_graph(f"{name}_code", code)
+        return compiled
 
     patches = {**(patches or {}), "joint_custom_post_pass": _joint_pass(cache_key, on_graph)}
     with deep_recursion():

@@ -106,15 +106,20 @@ def _rows(t: torch.Tensor, idx) -> torch.Tensor:
     return torch.stack([t[i] for i in idx])
 
 
-def _blocks_to_stream(parts, length: int, fill: torch.Tensor) -> torch.Tensor:
-    """Scatter per-group rows (members, (n, *x.shape)) into a (length + 1, *x.shape) tensor."""
+def _blocks_to_stream(parts, length: int, fill: torch.Tensor,
+                      gap: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Scatter per-group rows (members, (n, *x.shape)) into a (length + 1, *x.shape) tensor.
+
+    Row `length` (x_L, no block) is `fill`; other rows no part covers are `gap` (default fill)."""
     if len(parts) == 1 and list(parts[0][0]) == list(range(length)):
         return torch.cat([parts[0][1], fill.unsqueeze(0)])
     rows = [None] * (length + 1)
     for members, t in parts:
         for i, l in enumerate(members):
             rows[l] = t[i]
-    return torch.stack([fill if r is None else r for r in rows])
+    rows[length] = fill if rows[length] is None else rows[length]
+    gap = fill if gap is None else gap
+    return torch.stack([gap if r is None else r for r in rows])
 
 
 def _stack_args(values_of, members, shared, caps):
@@ -415,7 +420,11 @@ class HighwayStream(torch.autograd.Function):
         inject = [[None] * m for _ in range(L + 1)]
         for (l, j), g in zip(spec.state_outputs, grads[:n_states]):
             inject[l][j] = g
-        E = torch.stack([component_rows(e) for e in inject])          # (L+1, [m,] *x)
+        # Most streams take gradients at x_L only: E is then never built, a stream-sized
+        # buffer less per round (rows without a block VJP are filled with e_L instead)
+        only_last = all(v is None for e in inject[:L] for v in e)
+        e_last = component_rows(inject[L])
+        E = None if only_last else torch.stack([component_rows(e) for e in inject])
 
         # side-output cotangents, per group, stacked over members
         side_cot = {}
@@ -459,14 +468,18 @@ class HighwayStream(torch.autograd.Function):
                 return reverse_matrix_scan(A, decay * K)
 
         with annotate(hbp_stream=spec.name, hbp_scan=0):
-            G = scan(E)                                          # round 0
+            if only_last and K is None and decay == 1.0:        # every g^0_l is e_L
+                G = e_last.unsqueeze(0).expand(L + 1, *e_last.shape)
+            else:
+                G = scan(E if E is not None else _blocks_to_stream([], L, e_last, zero))
         for r in range(1, spec.iters + 1):
             parts = []
             for gi, vjp in enumerate(vjps):
                 cot_y, cot_s = group_cotangents(G, vjp)
                 v, _, _ = vjp(cot_y, cot_s, hbp_stream=spec.name, hbp_round=r, hbp_group=gi)
                 parts.append((vjp.members, v))
-            A = _blocks_to_stream(parts, L, zero) + E
+            A = _blocks_to_stream(parts, L, e_last) if E is None else \
+                _blocks_to_stream(parts, L, zero) + E
             if spec.gamma:                                       # gamma split: + gamma K g_{l+1}
                 kg = G[1:] if K is None else K * G[1:] if m == 1 else \
                     (K * G[1:].unsqueeze(2)).sum(1)                  # K_l^T g_{l+1}
