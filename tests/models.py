@@ -422,25 +422,12 @@ class NormFedBlock(nn.Module):
         return z + y.tanh() if self.side_path else z
 
 
-class NormStack(nn.Module):
-    """A residual stream of NormFedBlocks over a (B, T, d) input."""
+class NormStack(ResMLP):
+    """A residual stream of NormFedBlocks over a (B, T, d) input (ResMLP's stream and head)."""
 
     def __init__(self, d=12, n_blocks=4, **block):
-        super().__init__()
-        self.d = d
+        super().__init__(d=d, n_blocks=0)
         self.blocks = nn.ModuleList(NormFedBlock(d, **block) for _ in range(n_blocks))
-        self.head = nn.Linear(d, 1)
-
-    def forward(self, x):
-        for blk in self.blocks:
-            x = x + blk(x)
-        return self._loss(x)
-
-    def _loss(self, x):
-        return self.head(x).pow(2).mean()
-
-    def stream_view(self, x):
-        return [(x, list(self.blocks))], lambda states: self._loss(states[0][-1])
 
     def example_inputs(self, batch_size=3):
         return (torch.randn(batch_size, 5, self.d, dtype=_dtype(self)),)
