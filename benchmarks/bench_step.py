@@ -530,7 +530,8 @@ def plot(results, path):
 def warm_compile(args, out):
     """Compile every variant again in a fresh process (Inductor/AOTAutograd caches warm)."""
     import subprocess
-    cmd = [sys.executable, os.path.abspath(__file__), *args.argv_child, "--compile-only",
+    cmd = [sys.executable, os.path.abspath(__file__),
+           *[a for a in args.argv_child if a != "--fresh-cache"], "--compile-only",
            "--no-warm", "--out", out + ".warm.json"]
     subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL)
     try:
@@ -562,9 +563,15 @@ def main():
     p.add_argument("--budget", type=float, default=0,
                    help="seconds of compiling for the whole run, shared among the models; "
                         "a model compiles no further variants once its share is spent (0: none)")
+    p.add_argument("--fresh-cache", action="store_true",
+                   help="compile into a new, empty Inductor cache dir (a truly cold compile; "
+                        "the warm child shares it)")
     p.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.fresh_cache:                    # read by Inductor at compile time; the child inherits
+        import tempfile
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="hbp_bench_cache_")
     args.argv_child = [a for a in sys.argv[1:]]
     args.iters = [int(k) for k in args.iters.split(",")]
     args.steps, args.warmup = (5, 1) if args.quick else (args.steps, 3)
@@ -593,6 +600,7 @@ def main():
                    cpu_count=os.cpu_count(), steps=args.steps, warmup=args.warmup,
                    optimizer="SGD(lr=1e-3)",
                    fx_graph_cache=torch._inductor.config.fx_graph_cache,
+                   inductor_cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
                    memory="peak of 2 steps above resident: " + (
                        "torch.cuda.max_memory_allocated" if dev.type == "cuda" else
                        "VmHWM after malloc_trim and a clear_refs reset, minus VmRSS"),
