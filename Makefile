@@ -31,7 +31,7 @@ test-all: $(STAMP)
 	$(PYTHON) -m pytest -q tests --runslow
 
 bench: $(STAMP)
-	$(PYTHON) benchmarks/bench_step.py
+	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/bench_step.py --threads 1
 
 clean:
 	rm -rf $(VENV) build *.egg-info
