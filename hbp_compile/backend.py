@@ -225,8 +225,9 @@ def _stream_report(name, seg: Segment, spec, batched, reasons) -> StreamReport:
         scan = f"{spec.scan} diagonal scan, K_l = dr/dx_l" + \
             (f" x (1-gamma)={1 - spec.gamma:g}" if spec.gamma else "")
     else:
-        scan = ("reverse cumsum" if spec.scan != "sequential" else
-                f"reverse sum ({spec.length} fused adds)") if spec.gamma == 0 else \
+        scan = {"sequential": f"reverse sum ({spec.length} fused adds)",
+                "chunked": "chunked reverse sum"}.get(spec.scan, "reverse cumsum") \
+            if spec.gamma == 0 else \
             f"{spec.scan} scan, K=(1-gamma)I={1 - spec.gamma:g}I"
     return StreamReport(name=name, length=len(seg.blocks), residual_kind=seg.kind,
                         x0=seg.x0.name, blocks=blocks, groups=groups,

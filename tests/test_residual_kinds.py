@@ -267,7 +267,7 @@ def test_final_norm_of_a_pre_ln_stream_is_the_head():
     assert stream.residual_kind == "identity" and stream.length == 4
 
 
-@pytest.mark.parametrize("scan", ["sequential", "log-depth"])
+@pytest.mark.parametrize("scan", ["sequential", "chunked", "log-depth"])
 def test_both_scans_match_the_oracle(scan):
     """scan= forces one form of the diagonal scan; "auto" picks by length (choose_scan)."""
     from hbp_compile.rewrite.scan import choose_scan

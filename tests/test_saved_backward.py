@@ -124,3 +124,15 @@ def test_fold_off_gives_the_same_gradients():
     assert b1.reports[0].streams[0].groups[0].folded_norms == 1
     assert b2.reports[0].streams[0].groups[0].folded_norms == 0
     assert max_rel_err(folded, plain) < 1e-12, worst_param(folded, plain)
+
+
+@pytest.mark.parametrize("scan", ["chunked", "log-depth"])
+def test_identity_stream_with_each_scan_equals_the_oracle(scan):
+    """The reverse sum of an identity stream as a chunked or doubling scan (auto's choices
+    past SEQUENTIAL_MAX on a CPU and a GPU), forced on a short stream."""
+    model, inputs = _build("resmlp", 17)
+    _, want = oracle(model, inputs, 2)
+    _, got, backend = compiled(model, inputs, 2, scan=scan)
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+    assert backend.reports[0].streams[0].scan == \
+        {"chunked": "chunked reverse sum", "log-depth": "reverse cumsum"}[scan]

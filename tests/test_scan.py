@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from hbp_compile.rewrite.scan import (reverse_cumsum, reverse_linear_scan,
+                                      reverse_linear_scan_chunked,
                                       reverse_linear_scan_sequential, reverse_matrix_scan,
                                       reverse_matrix_scan_sequential, reverse_scan_scalar)
 
@@ -17,7 +18,7 @@ def loop(a, k):
     return torch.stack(g)
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 17, 64])
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 64, 257])
 def test_diagonal_scans_equal_the_loop(n):
     torch.manual_seed(n)
     a = torch.randn(n, 3, 5, dtype=torch.float64)
@@ -25,6 +26,9 @@ def test_diagonal_scans_equal_the_loop(n):
     want = loop(a, k)
     torch.testing.assert_close(reverse_linear_scan(a, k), want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(reverse_linear_scan_sequential(a, k), want, rtol=1e-12, atol=1e-12)
+    for chunk in (0, 2, 5, n + 3):                 # default sqrt(n), tiny, uneven, one chunk
+        torch.testing.assert_close(reverse_linear_scan_chunked(a, k, chunk), want,
+                                   rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 64])
@@ -35,6 +39,8 @@ def test_scalar_scan_and_cumsum_equal_the_loop(n, decay):
     want = loop(a, torch.full((max(n - 1, 0), 4), decay, dtype=torch.float64))
     torch.testing.assert_close(reverse_scan_scalar(a, decay), want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(reverse_linear_scan_sequential(a, decay), want, rtol=1e-12,
+                               atol=1e-12)
+    torch.testing.assert_close(reverse_linear_scan_chunked(a, decay), want, rtol=1e-12,
                                atol=1e-12)
     if decay == 1.0:
         torch.testing.assert_close(reverse_cumsum(a), want, rtol=1e-12, atol=1e-12)

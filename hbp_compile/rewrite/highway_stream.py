@@ -26,7 +26,8 @@ import torch.fx as fx
 from ..analysis.batching import vmappable
 from .batch import run_batched
 from .partition import Partition
-from .scan import (reverse_linear_scan, reverse_linear_scan_sequential, reverse_matrix_scan,
+from .scan import (reverse_linear_scan, reverse_linear_scan_chunked,
+                   reverse_linear_scan_sequential, reverse_matrix_scan,
                    reverse_matrix_scan_sequential, reverse_scan_scalar)
 
 try:                                    # node annotations, to find each VJP in the graphs
@@ -449,6 +450,8 @@ class HighwayStream(torch.autograd.Function):
             def scan(A):
                 if sequential and decay != 0.0:   # L adds fuse into one pass (aten's cumsum
                     return reverse_linear_scan_sequential(A, decay)     # along dim 0 is slow)
+                if spec.scan == "chunked" and decay != 0.0:
+                    return reverse_linear_scan_chunked(A, decay)
                 return reverse_scan_scalar(A, decay)
         elif m == 1:                    # K_l = dr/dx_l, (L, *x.shape); 1 for x + z steps
             one = torch.ones_like(x0)
@@ -458,6 +461,8 @@ class HighwayStream(torch.autograd.Function):
             def scan(A):
                 if sequential:
                     return reverse_linear_scan_sequential(A, decay * K)
+                if spec.scan == "chunked":
+                    return reverse_linear_scan_chunked(A, decay * K)
                 return reverse_linear_scan(A, decay * K)
         else:                           # widened: K_l is m x m per coordinate, (L, m, m, *x)
             K = _blocks_to_stream([(v.members, v.K) for v in vjps], L, vjps[0].K[0])[:L]

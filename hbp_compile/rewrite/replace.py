@@ -62,9 +62,15 @@ def build_spec(name: str, blocks: list[Block], groups: list[Group], batched: lis
                       groups=tuple(group_specs),
                       state_outputs=state_outputs(blocks), iters=iters, gamma=gamma,
                       mutated_caps=mutated,
-                      scan=choose_scan(len(blocks) + 1, _device_type(blocks[0].x), scan),
+                      scan=_matrix_ok(choose_scan(len(blocks) + 1, _device_type(blocks[0].x),
+                                                  scan), len(blocks[0].xs)),
                       width=len(blocks[0].xs))
     return spec, caps
+
+
+def _matrix_ok(scan: str, width: int) -> str:
+    """Widened (m x m) states have no chunked scan: they take the doubling one."""
+    return "log-depth" if scan == "chunked" and width > 1 else scan
 
 
 def _device_type(node: fx.Node) -> str:
