@@ -19,7 +19,7 @@ from .logs import enabled as log_enabled
 from .logs import log
 from .report import BlockReport, GraphReport, GroupReport, SkipReport, StreamReport
 from .rewrite.partition import partition_group
-from .rewrite.replace import build_spec, replace_stream
+from .rewrite.replace import build_spec, device_type, replace_stream
 
 
 def _count(name: str, n: int = 1) -> None:
@@ -179,8 +179,8 @@ def _not_worth_batching(group) -> str:
     copy of each every step. On a GPU that copy is cheap next to the kernel launches it saves;
     on a CPU nothing is saved (the same arithmetic, one thread), so only tied-weight groups
     (an RNN cell over time: no weights to stack, and T copies of the VJP otherwise) batch."""
-    val = group.template.gm.graph.find_nodes(op="placeholder")[0].meta.get("val")
-    if getattr(getattr(val, "device", None), "type", "cpu") == "cuda" or any(group.shared):
+    x = group.template.gm.graph.find_nodes(op="placeholder")[0]
+    if device_type(x) == "cuda" or any(group.shared):
         return ""
     return ("auto: on a CPU, stacking the members' weights and saved activations costs more "
             "than one batched VJP saves (batched=True forces it)")

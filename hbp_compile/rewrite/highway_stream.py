@@ -26,9 +26,7 @@ import torch.fx as fx
 from ..analysis.batching import vmappable
 from .batch import run_batched
 from .partition import Partition
-from .scan import (reverse_linear_scan, reverse_linear_scan_chunked,
-                   reverse_linear_scan_sequential, reverse_matrix_scan,
-                   reverse_matrix_scan_sequential, reverse_scan_scalar)
+from .scan import reverse_matrix_scan, reverse_matrix_scan_sequential, reverse_scan
 
 try:                                    # node annotations, to find each VJP in the graphs
     from torch.fx.traceback import annotate as _annotate
@@ -107,20 +105,15 @@ def _rows(t: torch.Tensor, idx) -> torch.Tensor:
     return torch.stack([t[i] for i in idx])
 
 
-def _blocks_to_stream(parts, length: int, fill: torch.Tensor,
-                      gap: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Scatter per-group rows (members, (n, *x.shape)) into a (length + 1, *x.shape) tensor.
-
-    Row `length` (x_L, no block) is `fill`; other rows no part covers are `gap` (default fill)."""
+def _blocks_to_stream(parts, length: int, fill: torch.Tensor) -> torch.Tensor:
+    """Scatter per-group rows (members, (n, *x.shape)) into a (length + 1, *x.shape) tensor."""
     if len(parts) == 1 and list(parts[0][0]) == list(range(length)):
         return torch.cat([parts[0][1], fill.unsqueeze(0)])
     rows = [None] * (length + 1)
     for members, t in parts:
         for i, l in enumerate(members):
             rows[l] = t[i]
-    rows[length] = fill if rows[length] is None else rows[length]
-    gap = fill if gap is None else gap
-    return torch.stack([gap if r is None else r for r in rows])
+    return torch.stack([fill if r is None else r for r in rows])
 
 
 def _stack_args(values_of, members, shared, caps):
@@ -425,7 +418,10 @@ class HighwayStream(torch.autograd.Function):
         # buffer less per round (rows without a block VJP are filled with e_L instead)
         only_last = all(v is None for e in inject[:L] for v in e)
         e_last = component_rows(inject[L])
-        E = None if only_last else torch.stack([component_rows(e) for e in inject])
+
+        def injections():
+            return torch.stack([component_rows(e) for e in inject])        # (L+1, [m,] *x)
+        E = None if only_last else injections()
 
         # side-output cotangents, per group, stacked over members
         side_cot = {}
@@ -443,40 +439,31 @@ class HighwayStream(torch.autograd.Function):
             return cot_y, cot_s
 
         decay = 1.0 - spec.gamma
-        sequential = spec.scan == "sequential"
         if spec.identity:
             K = None
 
-            def scan(A):
-                if sequential and decay != 0.0:   # L adds fuse into one pass (aten's cumsum
-                    return reverse_linear_scan_sequential(A, decay)     # along dim 0 is slow)
-                if spec.scan == "chunked" and decay != 0.0:
-                    return reverse_linear_scan_chunked(A, decay)
-                return reverse_scan_scalar(A, decay)
+            def scan(A):                # a sequential reverse sum is L fused adds (aten's
+                return reverse_scan(A, decay, spec.scan)    # cumsum along dim 0 is slow)
         elif m == 1:                    # K_l = dr/dx_l, (L, *x.shape); 1 for x + z steps
             one = torch.ones_like(x0)
             K = _blocks_to_stream([(v.members, v.K) for v in vjps if v.group.residual is not None],
                                   L, one)[:L]
 
             def scan(A):
-                if sequential:
-                    return reverse_linear_scan_sequential(A, decay * K)
-                if spec.scan == "chunked":
-                    return reverse_linear_scan_chunked(A, decay * K)
-                return reverse_linear_scan(A, decay * K)
+                return reverse_scan(A, decay * K, spec.scan)
         else:                           # widened: K_l is m x m per coordinate, (L, m, m, *x)
             K = _blocks_to_stream([(v.members, v.K) for v in vjps], L, vjps[0].K[0])[:L]
+            matrix_scan = reverse_matrix_scan_sequential if spec.scan == "sequential" \
+                else reverse_matrix_scan
 
             def scan(A):
-                if sequential:
-                    return reverse_matrix_scan_sequential(A, decay * K)
-                return reverse_matrix_scan(A, decay * K)
+                return matrix_scan(A, decay * K)
 
         with annotate(hbp_stream=spec.name, hbp_scan=0):
             if only_last and K is None and decay == 1.0:        # every g^0_l is e_L
                 G = e_last.unsqueeze(0).expand(L + 1, *e_last.shape)
             else:
-                G = scan(E if E is not None else _blocks_to_stream([], L, e_last, zero))
+                G = scan(E if E is not None else injections())
         for r in range(1, spec.iters + 1):
             parts = []
             for gi, vjp in enumerate(vjps):

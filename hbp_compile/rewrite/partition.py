@@ -147,7 +147,7 @@ def trace_joint(template: fx.GraphModule, vals: list, diff: list[int], out_diff:
             outs = template(*full)
             return tuple(outs[i] for i in out_diff), tuple(outs)
 
-        picked, fn, outs = torch.func.vjp(f, *[primals[i] for i in diff], has_aux=True)
+        _, fn, outs = torch.func.vjp(f, *[primals[i] for i in diff], has_aux=True)
         return (*outs, *fn(tuple(cots)))
 
     out_vals = [n.meta.get("val") for n in template.graph.output_node().args[0]]

@@ -62,7 +62,7 @@ def build_spec(name: str, blocks: list[Block], groups: list[Group], batched: lis
                       groups=tuple(group_specs),
                       state_outputs=state_outputs(blocks), iters=iters, gamma=gamma,
                       mutated_caps=mutated,
-                      scan=_matrix_ok(choose_scan(len(blocks) + 1, _device_type(blocks[0].x),
+                      scan=_matrix_ok(choose_scan(len(blocks) + 1, device_type(blocks[0].x),
                                                   scan), len(blocks[0].xs)),
                       width=len(blocks[0].xs))
     return spec, caps
@@ -73,7 +73,8 @@ def _matrix_ok(scan: str, width: int) -> str:
     return "log-depth" if scan == "chunked" and width > 1 else scan
 
 
-def _device_type(node: fx.Node) -> str:
+def device_type(node: fx.Node) -> str:
+    """The device type of a node's value ("cpu" where unknown)."""
     val = node.meta.get("val")
     return val.device.type if isinstance(val, torch.Tensor) else "cpu"
 

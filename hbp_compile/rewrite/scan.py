@@ -109,6 +109,19 @@ def reverse_linear_scan_chunked(a: torch.Tensor, k, chunk: int = 0) -> torch.Ten
     return g.flatten(0, 1)[:n]
 
 
+def reverse_scan(a: torch.Tensor, k, form: str) -> torch.Tensor:
+    """g_l = a_l + k_l g_{l+1} in the form choose_scan picked; k a tensor (diagonal K_l, as in
+    reverse_linear_scan) or a float (K = k I; 0 is no scan, 1 a reverse sum)."""
+    scalar = not isinstance(k, torch.Tensor)
+    if scalar and k == 0.0:
+        return a
+    if form == "sequential":
+        return reverse_linear_scan_sequential(a, k)
+    if form == "chunked":
+        return reverse_linear_scan_chunked(a, k)
+    return reverse_scan_scalar(a, k) if scalar else reverse_linear_scan(a, k)
+
+
 # Longest stream (L + 1 positions) that scans sequentially under scan="auto", per device type.
 # CPU, measured by benchmarks/bench_scan.py (results/bench_scan_cpu.json, Inductor, (32, 64)
 # per position, 1 thread): the loop's n - 1 fused multiply-adds beat doubling's n log2(n) work
