@@ -12,14 +12,18 @@ from .analysis.batching import batching_problem
 from .analysis.plan import Segment, plan_streams
 from .analysis.post_norm import restore_post_norms, split_post_norms
 from .capture import functional_aten_graph, joint_graph, restore_native_batch_norm
+from .capture_rnn import enable_rnn_tracing, lower_rnn_modules
 from .codegen import compile_graph, count_block_vjps
 from .config import HBPConfig
 from .debug import dump_report, readable
 from .logs import enabled as log_enabled
 from .logs import log
 from .report import BlockReport, GraphReport, GroupReport, SkipReport, StreamReport
+from .rewrite.highway_rnn import RNNSpec
 from .rewrite.partition import partition_group
-from .rewrite.replace import build_spec, device_type, replace_stream
+from .rewrite.replace import (build_spec, device_type, replace_rnn_layer, replace_stream,
+                              rnn_layer_problem)
+from .rewrite.scan import choose_scan
 
 
 def _count(name: str, n: int = 1) -> None:
@@ -49,6 +53,8 @@ class HBPBackend:
     def __init__(self, config: HBPConfig):
         self.config = config
         self.reports: list[GraphReport] = []
+        if config.rnn_modules:
+            enable_rnn_tracing()
 
     def __repr__(self):
         return f"hbp_backend({self.config})"
@@ -75,6 +81,9 @@ class HBPBackend:
 
         codegen, key = self.config.codegen, self.config.cache_key()
         patches = self.config.inductor_patches()
+        # exact either way: the fallback below compiles the lowered graph too (no unrolling)
+        for node, why in lower_rnn_modules(gm):
+            report.skipped.append(SkipReport(node, why))
         stage = "the pass"
         try:
             rewritten = self._rewrite(gm, example_inputs, report)
@@ -120,10 +129,10 @@ class HBPBackend:
             report.graphs["joint_original"] = _try(joint_graph, agm, example_inputs)
         post_norms = split_post_norms(agm.graph)
         segments, skips, report.residual_steps = plan_streams(agm.graph, cfg.min_length)
-        report.skipped = [SkipReport(s.node, s.reason) for s in skips]
+        report.skipped += [SkipReport(s.node, s.reason) for s in skips]
         if cfg.strict and skips:
             raise HBPError(f"%{skips[0].node}: {skips[0].reason}")
-        if not segments:
+        if not segments and not _rnn_layers(agm.graph):
             return None
         renamed: dict = {}
         for seg in segments:
@@ -150,6 +159,9 @@ class HBPBackend:
         restore_native_batch_norm(agm.graph)
         _stable_topological_sort(agm.graph)    # readers of x_l may precede the new call
         agm.graph.eliminate_dead_code()
+        self._rewrite_rnn_layers(agm.graph, report)
+        if not report.streams:
+            return None
         restore_post_norms(agm.graph, post_norms)
         agm.graph.lint()
         agm.recompile()
@@ -157,6 +169,30 @@ class HBPBackend:
         if log_enabled("graphs"):
             log.info("graph %d rewritten:\n%s", report.index, report.graphs["rewritten"])
         return agm
+
+    def _rewrite_rnn_layers(self, graph: fx.Graph, report: GraphReport) -> None:
+        """Each RNN layer and direction left in the graph -> a HighwayRNN stream over time."""
+        cfg = self.config
+        layers = _rnn_layers(graph)
+        report.rnn_calls = len({n.meta.get("custom", {}).get("hbp_rnn_call") for n in layers})
+        for node in layers:
+            mode, x, hx, params, has_biases, train = node.args
+            T = x.meta["val"].shape[0]
+            report.residual_steps += T if isinstance(T, int) else 0
+            why = rnn_layer_problem(node) if cfg.rnn_modules else "rnn_modules=False"
+            if why:
+                if cfg.strict:
+                    raise HBPError(f"%{node.name}: {why}")
+                report.skipped.append(SkipReport(node.name, why))
+                continue
+            name = f"hbp_rnn_{report.index}_{len(report.streams)}"
+            spec = RNNSpec(name, mode, has_biases, train, cfg.iters, cfg.gamma,
+                           choose_scan(T + 1, device_type(x), cfg.scan))
+            report.streams.append(_rnn_stream_report(spec, node, T, len(params)))
+            replace_rnn_layer(graph, node, spec)
+            _count("streams_rewritten")
+            _count("rnn_layers_rewritten")
+            _count("blocks_rewritten", T)
 
     def _batching(self, group) -> tuple[bool, str]:
         """Batch this group's VJPs? (and why not)."""
@@ -170,6 +206,36 @@ class HBPBackend:
         if reason is not None and self.config.strict:
             raise HBPError(f"group of {group.size} blocks cannot be batched: {reason}")
         return reason is None, reason or ""
+
+
+def _rnn_layers(graph: fx.Graph) -> list[fx.Node]:
+    """The hbp::rnn_layer nodes of a captured graph (one per RNN layer and direction)."""
+    from . import rnn_ops                               # noqa: F401 - registers the op
+    return list(graph.find_nodes(op="call_function", target=torch.ops.hbp.rnn_layer.default))
+
+
+_RNN_RESIDUALS = {"rnn_tanh": "none (h_t = tanh(.), K = 0)", "rnn_relu": "none (h_t = relu(.), K = 0)",
+                  "gru": "GRU gate z h + (1 - z) n", "lstm": "LSTM (c, h): c = f c + i g"}
+
+
+def _rnn_stream_report(spec: RNNSpec, node: fx.Node, T: int, n_params: int) -> StreamReport:
+    mode, x, hx = node.args[:3]
+    H = hx[0].meta["val"].shape[-1]
+    where = (node.meta.get("custom") or {}).get("hbp_rnn", mode)
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    out = [u for u in node.users if u.args[1] == 0 and u.users]
+    scan = "none (K = 0)" if mode.startswith("rnn") else f"{spec.scan} diagonal scan over time" \
+        + (", K = diag(z)" if mode == "gru" else ", K in c: f (h through o tanh'(c) f)")
+    group = GroupReport(0, f"{mode} cell", f"{mode} cell, hidden {H}, weights shared by all "
+                        f"{T} steps: one VJP over T x B rows per round", list(range(T)), True,
+                        shared_captures=n_params, saved=-1,
+                        recompute_reason="the gates of all T steps, in one batched cell forward "
+                        "from the op's outputs (ATen's RNN op saves none)")
+    return StreamReport(name=spec.name, length=T, residual_kind=_RNN_RESIDUALS[mode],
+                        x0=hx[0].name, blocks=[], groups=[group],
+                        injections=list(range(1, T)) if out else [], side_outputs=0,
+                        scan=scan, source=f"{path}: {where}".strip(": "))
 
 
 def _not_worth_batching(group) -> str:

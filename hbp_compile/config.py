@@ -26,6 +26,7 @@ class HBPConfig:
     fold: bool = True               # fold norm affine weights into the final VJP's dW
     mode: Optional[str] = None      # torch.compile's mode for Inductor ("reduce-overhead": CUDA graphs)
     inductor_options: tuple = ()    # Inductor config patches, (key, value) pairs (a dict is accepted)
+    rnn_modules: bool = True        # trace nn.RNN/GRU/LSTM (Dynamo's allow_rnn, for hbp frames only)
     dump_dir: Optional[str] = None  # where to write graphs and reports (not in the cache key)
 
     def __post_init__(self):
@@ -38,7 +39,7 @@ class HBPConfig:
             raise ValueError(f"hbp_backend: codegen must be one of {CODEGENS}, got {self.codegen!r}")
         if self.batched != "auto" and not isinstance(self.batched, bool):
             raise ValueError(f"hbp_backend: batched must be a bool or 'auto', got {self.batched!r}")
-        for name in ("strict", "recompute", "fold"):
+        for name in ("strict", "recompute", "fold", "rnn_modules"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"hbp_backend: {name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.min_length, bool) or not isinstance(self.min_length, int) or self.min_length < 1:

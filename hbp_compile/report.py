@@ -47,6 +47,7 @@ class StreamReport:
     scan: str
     vjps_per_round: dict = dataclasses.field(default_factory=dict)   # filled from the bw graph
     split: str = ""                 # where the chain goes on through a non-residual step
+    source: str = ""                # what the stream is in the model (an RNN module's layer)
 
 
 @dataclasses.dataclass
@@ -62,6 +63,7 @@ class GraphReport:
     streams: list[StreamReport] = dataclasses.field(default_factory=list)
     skipped: list[SkipReport] = dataclasses.field(default_factory=list)
     residual_steps: int = 0         # residual steps found in the graph
+    rnn_calls: int = 0              # RNN module calls traced (allow_rnn) and lowered to layers
     fallback_reason: Optional[str] = None
     graphs: dict = dataclasses.field(default_factory=dict, repr=False)  # name -> GraphModule
 
@@ -98,12 +100,16 @@ class GraphReport:
             lines = [head + f"{len(self.streams)} stream(s), {self.rewritten_blocks}/"
                      f"{self.residual_steps} residual blocks rewritten "
                      f"(coverage {100 * self.coverage:.0f}%)"]
+        if self.rnn_calls:
+            lines.append(f"  {self.rnn_calls} RNN module call(s) traced (Dynamo's allow_rnn, "
+                         "set for hbp frames) and lowered to one op per layer and direction")
         for s in self.streams:
             inj = ", ".join(f"x_{l}" for l in s.injections) or "none"
             planned = "(planned, not applied) " if self.fallback_reason is not None else ""
             lines.append(f"  {planned}stream {s.name}: L={s.length}, {s.residual_kind} residual, "
                          f"x_0={s.x0}, scan={s.scan}, gradient injected at: {inj}"
-                         + (f", {s.side_outputs} side output(s)" if s.side_outputs else ""))
+                         + (f", {s.side_outputs} side output(s)" if s.side_outputs else "")
+                         + (f" [{s.source}]" if s.source else ""))
             for g in s.groups:
                 how = "batched" if g.batched else f"unbatched ({g.reason})"
                 tied = f", {g.shared_captures} shared capture(s)" if g.shared_captures else ""

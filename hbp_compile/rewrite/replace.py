@@ -8,6 +8,7 @@ import torch.fx as fx
 
 from ..analysis.blocks import Block
 from ..analysis.groups import Group
+from .highway_rnn import RNNSpec, highway_rnn
 from .highway_stream import GroupSpec, HighwayStream, StreamSpec
 from .partition import draws_only
 from .scan import choose_scan
@@ -113,4 +114,31 @@ def replace_stream(graph: fx.Graph, spec: StreamSpec, blocks: list[Block], caps:
             if user not in inside and user is not call:
                 user.replace_input_with(old, new)
         renamed[old] = new
+    return call
+
+
+def rnn_layer_problem(node: fx.Node) -> str:
+    """Why an hbp::rnn_layer node stays exact backprop, or "" when HighwayRNN can take it."""
+    mode, x, hx, params, has_biases, train = node.args
+    val = x.meta.get("val")
+    if mode == "lstm" and len(params) % 2:
+        return "LSTM with proj_size (h_t = W_hr (o tanh c_t)): not supported, exact backprop"
+    if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
+        return "input is not a floating-point tensor"
+    if not all(isinstance(s, int) for s in val.shape):
+        return "symbolic sequence length or batch (dynamic shapes): exact backprop"
+    if val.shape[0] < 2:
+        return "a single time step"
+    return ""
+
+
+def replace_rnn_layer(graph: fx.Graph, node: fx.Node, spec: RNNSpec) -> fx.Node:
+    """hbp::rnn_layer(mode, x, hx, params, ...) -> HighwayRNN.apply(spec, x, *hx, *params)."""
+    _, x, hx, params, *_ = node.args
+    with graph.inserting_before(node):
+        call = graph.call_function(highway_rnn(spec), (x, *hx, *params))
+    call.meta = dict(node.meta)
+    call.name = spec.name
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
     return call

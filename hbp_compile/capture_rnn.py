@@ -1,0 +1,127 @@
+"""Stage 1 for RNN modules: let Dynamo trace nn.RNN / nn.GRU / nn.LSTM, then lower each call to
+one hbp::rnn_layer op per layer and direction (exact backprop until the rewrite takes a layer).
+
+Dynamo refuses RNN modules unless torch._dynamo.config.allow_rnn is set, and then hands the
+backend one torch.gru / torch.lstm / torch.rnn_tanh / torch.rnn_relu call. Tracing that call
+to aten unrolls it over time (compile time grows with T; float32 LSTMs on a CPU crash
+AOTAutograd). Lowered here, before capture, a module call becomes layers of opaque ops:
+
+    input -> [batch_first: transpose] -> layer 0 (forward, reverse: flip, op, flip) -> cat
+          -> dropout (train, between layers) -> layer 1 ... -> output; h_n = stack of h_T
+
+which is the order in which ATen runs a multi-layer RNN, so the dropout draws are the same.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from . import rnn_ops                            # noqa: F401 - registers torch.ops.hbp.*
+from .rewrite.highway_stream import annotate
+
+RNN_FUNCTIONS = {torch.gru: "gru", torch.lstm: "lstm", torch.rnn_tanh: "rnn_tanh",
+                 torch.rnn_relu: "rnn_relu"}
+
+
+# ---------------------------------------------------------------------------------------
+# Tracing: allow_rnn, for frames that an hbp backend compiles and no other.
+
+def _is_hbp(compiler_fn) -> bool:
+    """Does this (wrapped) Dynamo compiler function lead to an hbp backend with RNN tracing on?"""
+    from . import backend as _backend
+    for _ in range(8):                    # WrapBackendDebug -> _TorchCompileWrapper -> ours
+        if compiler_fn is None:
+            return False
+        if isinstance(compiler_fn, _backend.HBPBackend):
+            return compiler_fn.config.rnn_modules
+        if getattr(compiler_fn, "__name__", "") == "dynamo_backend" and \
+                getattr(compiler_fn, "__module__", "").startswith("hbp_compile"):
+            return True
+        compiler_fn = getattr(compiler_fn, "_torchdynamo_orig_backend", None) or \
+            getattr(compiler_fn, "compiler_fn", None)
+    return False
+
+
+class AllowRNNForHBP(int):
+    """A value for torch._dynamo.config.allow_rnn that is true only while Dynamo traces a frame
+    for an hbp backend: other backends in the process (an exact Inductor compile of the same
+    float32 LSTM, which allow_rnn would break) see False, as by default. An int, so that
+    Dynamo can hash, pickle and log its config as usual."""
+
+    def __bool__(self) -> bool:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        try:
+            tx = InstructionTranslator.current_tx()
+        except Exception:                 # noqa: BLE001 - not tracing a frame
+            return False
+        return tx is not None and _is_hbp(getattr(tx.output, "compiler_fn", None))
+
+    def __repr__(self) -> str:
+        return "AllowRNNForHBP()"
+
+
+def enable_rnn_tracing() -> bool:
+    """Make Dynamo trace RNN modules for hbp backends; False if the user already set it."""
+    from torch._dynamo import config
+    if config.allow_rnn is True or isinstance(config.allow_rnn, AllowRNNForHBP):
+        return isinstance(config.allow_rnn, AllowRNNForHBP)
+    config.allow_rnn = AllowRNNForHBP(0)
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# Lowering a module call to layers.
+
+def rnn_call_problem(node: fx.Node) -> str:
+    """Why this RNN call stays as it is (unrolled by AOTAutograd), or "" to lower it."""
+    if isinstance(node.args[3], bool):
+        return ""
+    return "PackedSequence input (the data/batch_sizes overload)"
+
+
+def rnn_module(call: str, mode: str, input, hx, params, has_biases: bool, num_layers: int,
+               dropout: float, train: bool, bidirectional: bool, batch_first: bool):
+    """torch.<mode>(input, hx, params, ...) as layers of hbp::rnn_layer (same results);
+    `call` names the module call in the layers' annotations (for the report)."""
+    dirs = 2 if bidirectional else 1
+    per = len(params) // (num_layers * dirs)
+    hs = list(hx) if mode == "lstm" else [hx]          # each (num_layers * dirs, B, H)
+    x = input.transpose(0, 1) if batch_first else input              # (T, B, I)
+    finals = [[] for _ in hs]
+    for layer in range(num_layers):
+        outs = []
+        for d in range(dirs):
+            i = layer * dirs + d
+            with annotate(hbp_rnn=f"{mode} layer {layer}" + (" reverse" if d else ""),
+                          hbp_rnn_call=call):
+                xi = x.flip(0) if d else x
+                res = torch.ops.hbp.rnn_layer(mode, xi, [h[i] for h in hs],
+                                              list(params[i * per:(i + 1) * per]),
+                                              has_biases, train)
+            outs.append(res[0].flip(0) if d else res[0])
+            for f, t in zip(finals, res[1:]):
+                f.append(t)
+        x = outs[0] if dirs == 1 else torch.cat(outs, -1)
+        if dropout and train and layer < num_layers - 1:
+            x = torch.nn.functional.dropout(x, dropout, True)
+    out = x.transpose(0, 1) if batch_first else x
+    finals = [torch.stack(f) for f in finals]
+    return (out, *finals)
+
+
+def lower_rnn_modules(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """Lower every torch.gru/lstm/rnn_* call of a Dynamo graph; returns (node, reason) skips."""
+    skipped = []
+    for node in list(gm.graph.nodes):
+        mode = RNN_FUNCTIONS.get(node.target) if node.op == "call_function" else None
+        if mode is None:
+            continue
+        why = rnn_call_problem(node)
+        if why:
+            skipped.append((node.name, why))
+            continue
+        node.target = rnn_module
+        node.args = (node.name, mode, *node.args)
+    if any(n.target is rnn_module for n in gm.graph.nodes):
+        gm.recompile()
+    return skipped

@@ -1,0 +1,237 @@
+"""HighwayRNN: one layer and direction of an RNN module, its forward ATen's op, its backward
+Highway-BP over time.
+
+The stream is the state s_t (h_t; (c_t, h_t) for an LSTM), one block per time step, all
+sharing the cell's weights. Nothing in the backward is sequential in T:
+
+    recompute   the gates of all T steps at once from h_{t-1} = (h_0, out[:-1]) and x
+                (one batched cell forward over T x B rows: the "block" z_t); an LSTM's c_t
+                then follow from one linear scan c_t = f_t c_{t-1} + i_t g_t
+    round 0     g^0 = scan(K, e)             e_t: the gradients of out[t-1] (and h_T, c_T)
+    round r     v = J^T g^{r-1}_{+1}           ONE VJP of the cell over all T x B rows
+                g^r = scan(K, v + e)
+    final       dW, dx = the cell's VJP at g^k_{+1}; dh_0 (dc_0) = g^k_0
+
+with K_t = dr/ds_{t-1} at fixed gates: 0 for a plain RNN (h_t = tanh(.) has no residual
+path), diag(z_t) for a GRU (h_t = z h + (1 - z) n), and for an LSTM's (c, h) the 2 x 2
+[[f, 0], [o tanh'(c_t) f, 0]], whose zero column makes its scan a diagonal one in c.
+Tensors along the stream are (T + 1, B, H), row t the value at s_t; cell rows are (T, B, *).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from .highway_stream import annotate
+from .scan import reverse_scan
+
+
+def _chunks(t, n):
+    return t.chunk(n, -1)
+
+
+class Cell:
+    """One RNN cell split into its block (the gates, all the matmuls) and residual function."""
+
+    m = 1                                         # state components
+
+    def block(self, h, x, *params):
+        raise NotImplementedError
+
+    def residual(self, states, zs):
+        """The new state from the old one and the block outputs (differentiated in zs)."""
+        raise NotImplementedError
+
+    def scan(self, A, states, zs, decay: float, form: str):
+        """g_t = decay K_{t+1}^T g_{t+1} + a_t for every component (tuples of (T + 1, B, H))."""
+        raise NotImplementedError
+
+    def kt(self, states, zs, G_next):
+        """K_{t+1}^T g_{t+1} (the gamma split adds gamma times it to each block VJP)."""
+        raise NotImplementedError
+
+    def states(self, h_prev, hx, zs, form):
+        """The states s_{t-1} the steps start from, t = 1..T."""
+        return (h_prev,)
+
+
+def _linear_gates(h, x, params):
+    w_ih, w_hh, *b = params
+    b_ih, b_hh = b if b else (None, None)
+    return F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)
+
+
+class PlainCell(Cell):
+    """h_t = act(W_ih x + b_ih + W_hh h + b_hh): no residual path, K = 0."""
+
+    def __init__(self, act):
+        self.act = act
+
+    def block(self, h, x, *params):
+        gi, gh = _linear_gates(h, x, params)
+        return (self.act(gi + gh),)
+
+    def residual(self, states, zs):
+        return zs
+
+    def scan(self, A, states, zs, decay, form):
+        return A
+
+    def kt(self, states, zs, G_next):
+        return (torch.zeros_like(G_next[0]),)
+
+
+class GRUCell(Cell):
+    """h_t = z h + (1 - z) n (PyTorch's gate order r, z, n): K = diag(z)."""
+
+    def block(self, h, x, *params):
+        gi, gh = _linear_gates(h, x, params)
+        i_r, i_z, i_n = _chunks(gi, 3)
+        h_r, h_z, h_n = _chunks(gh, 3)
+        r = torch.sigmoid(i_r + h_r)
+        return torch.sigmoid(i_z + h_z), torch.tanh(i_n + r * h_n)
+
+    def residual(self, states, zs):
+        (h,), (z, n) = states, zs
+        return (z * h + (1 - z) * n,)
+
+    def scan(self, A, states, zs, decay, form):
+        return (reverse_scan(A[0], decay * zs[0], form),)
+
+    def kt(self, states, zs, G_next):
+        return (zs[0] * G_next[0],)
+
+
+class LSTMCell(Cell):
+    """c_t = f c + i g, h_t = o tanh(c_t) over the widened state (c, h)."""
+
+    m = 2
+
+    def block(self, h, x, *params):
+        gi, gh = _linear_gates(h, x, params)
+        i, f, g, o = _chunks(gi + gh, 4)
+        return torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+
+    def residual(self, states, zs):
+        (c, _), (i, f, g, o) = states, zs
+        c_new = f * c + i * g
+        return c_new, o * torch.tanh(c_new)
+
+    def states(self, h_prev, hx, zs, form):
+        i, f, g, _ = zs                           # c_t = f_t c_{t-1} + i_t g_t, run in reverse
+        a = torch.cat([(i * g).flip(0), hx[1].unsqueeze(0)])
+        c = reverse_scan(a, f.flip(0), form).flip(0)                    # (T + 1, B, H)
+        return c[:-1], h_prev
+
+    def _dh_dc(self, states, zs):
+        """o_t tanh'(c_t) f_t: how h_t moves with c_{t-1} at fixed gates."""
+        (c, _), (i, f, g, o) = states, zs
+        return o * (1 - torch.tanh(f * c + i * g) ** 2) * f
+
+    def scan(self, A, states, zs, decay, form):
+        a_c, a_h = A                 # g^h_t = a^h_t: h_{t-1} reaches s_t only through gates
+        cross = decay * self._dh_dc(states, zs) * a_h[1:]
+        a_c = a_c + torch.cat([cross, torch.zeros_like(cross[:1])])
+        return reverse_scan(a_c, decay * zs[1], form), a_h
+
+    def kt(self, states, zs, G_next):
+        g_c, g_h = G_next
+        return zs[1] * g_c + self._dh_dc(states, zs) * g_h, torch.zeros_like(g_h)
+
+
+CELLS = {"rnn_tanh": PlainCell(torch.tanh), "rnn_relu": PlainCell(torch.relu),
+         "gru": GRUCell(), "lstm": LSTMCell()}
+
+
+@dataclasses.dataclass(frozen=True)
+class RNNSpec:
+    """Static description of one rewritten layer and direction."""
+
+    name: str
+    mode: str                      # "rnn_tanh", "rnn_relu", "gru", "lstm"
+    has_biases: bool
+    train: bool
+    iters: int
+    gamma: float
+    scan: str                      # rewrite.scan.choose_scan's form for T + 1 positions
+
+
+def _injections(grads, out, hx, m):
+    """E: the gradients entering each state from outside, m tuples of (T + 1, B, H)."""
+    g_out, g_last = grads[0], grads[1:]
+    zero = torch.zeros_like(hx[0])
+    e_h = torch.cat([zero.unsqueeze(0), g_out if g_out is not None else torch.zeros_like(out)])
+    if g_last[0] is not None:
+        e_h = torch.cat([e_h[:-1], (e_h[-1] + g_last[0]).unsqueeze(0)])
+    if m == 1:
+        return (e_h,)
+    e_c = torch.zeros_like(e_h)
+    if g_last[1] is not None:
+        e_c = torch.cat([e_c[:-1], g_last[1].unsqueeze(0)])
+    return e_c, e_h
+
+
+class HighwayRNN(torch.autograd.Function):
+    """(x, *hx, *params) -> (out, h_T[, c_T]) as ATen computes them; Highway-BP backward."""
+
+    @staticmethod
+    def forward(ctx, spec: RNNSpec, x, *rest):
+        n_h = CELLS[spec.mode].m
+        hx, params = list(rest[:n_h]), list(rest[n_h:])
+        outs = torch.ops.hbp.rnn_layer(spec.mode, x, hx, params, spec.has_biases, spec.train)
+        ctx.spec, ctx.n_h = spec, n_h
+        ctx.save_for_backward(x, outs[0], *hx, *params)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        spec, cell = ctx.spec, CELLS[ctx.spec.mode]
+        x, out, *rest = ctx.saved_tensors
+        hx, params = rest[:ctx.n_h], rest[ctx.n_h:]
+        tags = dict(hbp_stream=spec.name, hbp_group=0, hbp_call="0")
+        h_prev = torch.cat([hx[0].unsqueeze(0), out[:-1]])               # (T, B, H)
+        with annotate(hbp_stream=spec.name, hbp_recompute=1):
+            zs, block_vjp = torch.func.vjp(cell.block, h_prev, x, *params)
+            states = cell.states(h_prev, hx, zs, spec.scan)
+        _, residual_vjp = torch.func.vjp(lambda *z: cell.residual(states, z), *zs)
+
+        def cell_vjp(G):                          # every step's VJP at g_{t+1}, one call
+            return block_vjp(residual_vjp(tuple(g[1:] for g in G)))
+
+        E = _injections(grads, out, hx, cell.m)
+        decay = 1.0 - spec.gamma
+        with annotate(hbp_stream=spec.name, hbp_scan=0):
+            G = cell.scan(E, states, zs, decay, spec.scan)
+        for r in range(1, spec.iters + 1):
+            with annotate(**tags, hbp_round=r):
+                v = cell_vjp(G)[0]                                        # (T, B, H)
+                if spec.gamma:
+                    kg = cell.kt(states, zs, tuple(g[1:] for g in G))
+                    v = v + spec.gamma * kg[-1]
+                    extra = [spec.gamma * k for k in kg[:-1]]
+                else:
+                    extra = [None] * (cell.m - 1)
+            A = tuple(_row_add(e, a) for e, a in zip(E, [*extra, v]))
+            with annotate(hbp_stream=spec.name, hbp_scan=r):
+                G = cell.scan(A, states, zs, decay, spec.scan)
+        with annotate(**tags, hbp_round="final"):
+            _, dx, *dparams = cell_vjp(G)
+        g0 = [g[0] for g in G]                    # state order (c, h); hx's is (h, c)
+        return (None, dx, *g0[::-1], *dparams)
+
+
+def _row_add(e, v):
+    """e (T + 1, ...) plus v (T, ...) on its first T rows (v None: e)."""
+    if v is None:
+        return e
+    return e + torch.cat([v, torch.zeros_like(v[:1])])
+
+
+def highway_rnn(spec: RNNSpec):
+    """The graph-level callable for one layer: HighwayRNN.apply with the spec closed over."""
+    def call(x, *rest):
+        return HighwayRNN.apply(spec, x, *rest)
+    call.__name__ = call.__qualname__ = spec.name
+    return call
