@@ -1,0 +1,160 @@
+"""nn.RNN / nn.GRU / nn.LSTM under hbp: one stream over time per layer and direction, without
+unrolling. Oracles: eager autograd of the module (k >= T, same seed, so the same dropout masks)
+and tests/oracle_rnn.py, an eager Highway-BP over the module's weights (k in {0, 1, 2})."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from hbp_compile import hbp_backend
+from oracle_rnn import module_highway
+
+torch.set_default_dtype(torch.float64)
+
+# (module, num_layers, bidirectional, batch_first, h0 given, dropout, loss at every step)
+CONFIGS = {
+    "gru": ("GRU", 1, False, False, False, 0.0, True),
+    "gru-last-h0": ("GRU", 1, False, True, True, 0.0, False),
+    "gru-2-bidir-dropout": ("GRU", 2, True, True, False, 0.3, True),
+    "lstm": ("LSTM", 1, False, False, True, 0.0, True),
+    "lstm-2-bidir": ("LSTM", 2, True, False, True, 0.0, False),
+    "lstm-3-dropout": ("LSTM", 3, False, True, False, 0.25, True),
+    "rnn-tanh-bidir": ("RNN", 1, True, False, True, 0.0, True),
+    "rnn-relu-2": ("RNN", 2, False, True, False, 0.0, True),
+}
+
+
+class Model(nn.Module):
+    """The RNN module and a loss on its outputs (every step's output, or only h_n)."""
+
+    def __init__(self, kind, layers, bidir, batch_first, dropout, every_step, I=3, H=5,
+                 nonlinearity="tanh"):
+        super().__init__()
+        extra = {"nonlinearity": nonlinearity} if kind == "RNN" else {}
+        self.rnn = getattr(nn, kind)(I, H, num_layers=layers, bidirectional=bidir,
+                                     batch_first=batch_first, dropout=dropout, **extra)
+        self.every_step = every_step
+
+    def forward(self, x, hx=None):
+        out, h_n = self.rnn(x, hx)
+        return loss_of(out, h_n, self.every_step)
+
+
+def loss_of(out, h_n, every_step):
+    h = h_n[0] if isinstance(h_n, tuple) else h_n
+    w = torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)
+    step = (torch.tanh(out) * w).sum() if every_step else 0
+    extra = (h_n[1] ** 2).sum() if isinstance(h_n, tuple) else 0
+    return step + (h * h.roll(1, -1)).sum() + extra
+
+
+def make(name, dtype=torch.float64, T=6, B=2, seed=0):
+    kind, layers, bidir, bf, h0, p, every = CONFIGS[name]
+    torch.manual_seed(seed)
+    nonlin = "relu" if "relu" in name else "tanh"
+    model = Model(kind, layers, bidir, bf, p, every, nonlinearity=nonlin).to(dtype)
+    x = torch.randn((B, T, 3) if bf else (T, B, 3), dtype=dtype)
+    n = layers * (2 if bidir else 1)
+    hx = None
+    if h0:
+        hx = torch.randn(n, B, 5, dtype=dtype)
+        if kind == "LSTM":
+            hx = (hx, torch.randn(n, B, 5, dtype=dtype))
+    return model, x, hx
+
+
+def _leaves(x, hx):
+    x = x.detach().clone().requires_grad_()
+    if hx is None:
+        return x, None
+    if isinstance(hx, tuple):
+        return x, tuple(h.detach().clone().requires_grad_() for h in hx)
+    return x, hx.detach().clone().requires_grad_()
+
+
+def _grads(model, x, hx):
+    g = {n: p.grad.clone() for n, p in model.named_parameters()}
+    g["x"] = x.grad.clone()
+    for i, h in enumerate(hx if isinstance(hx, tuple) else () if hx is None else (hx,)):
+        g[f"h{i}"] = h.grad.clone()
+    return g
+
+
+def run_compiled(model, x, hx, k, seed=1, **options):
+    m = copy.deepcopy(model)
+    backend = hbp_backend(iters=k, **{"codegen": "eager", **options})
+    cm = torch.compile(m, backend=backend)
+    x, hx = _leaves(x, hx)
+    torch.manual_seed(seed)
+    loss = cm(x, hx)
+    loss.backward()
+    return loss.detach(), _grads(m, x, hx), backend
+
+
+def run_eager(model, x, hx, seed=1):
+    m = copy.deepcopy(model)
+    x, hx = _leaves(x, hx)
+    torch.manual_seed(seed)
+    loss = m(x, hx)
+    loss.backward()
+    return loss.detach(), _grads(m, x, hx)
+
+
+def run_oracle(model, x, hx, k, seed=1):
+    m = copy.deepcopy(model)
+    x, hx = _leaves(x, hx)
+    loss = module_highway(m.rnn, x, hx, lambda o, h: loss_of(o, h, m.every_step), k, seed)
+    return loss, _grads(m, x, hx)
+
+
+def rel_err(got, want):
+    """Worst per-tensor ||got - want|| / ||want|| (floored at 1e-12 of the largest gradient)."""
+    scale = max(w.norm().item() for w in want.values())
+    return max((got[n] - w).norm().item() / max(w.norm().item(), 1e-12 * scale)
+               for n, w in want.items())
+
+
+def assert_streams(backend, model, T):
+    (report,) = backend.reports
+    rnn = model.rnn
+    n = rnn.num_layers * (2 if rnn.bidirectional else 1)
+    assert report.rnn_calls == 1
+    assert [s.length for s in report.streams] == [T] * n, str(report)
+    assert all(s.vjps_per_round for s in report.streams), str(report)
+    assert not report.fallback_reason
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_exact_at_T_and_same_forward(name):
+    """k = T: the gradients of eager autograd; the forward (dropout included) bit for bit."""
+    T = 6
+    model, x, hx = make(name, T=T)
+    loss_want, want = run_eager(model, x, hx)
+    loss, got, backend = run_compiled(model, x, hx, T)
+    assert_streams(backend, model, T)
+    assert loss.item() == loss_want.item() or model.rnn.bidirectional, (loss, loss_want)
+    torch.testing.assert_close(loss, loss_want, rtol=1e-14, atol=0)
+    assert rel_err(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_matches_the_oracle(name, k):
+    T = 7
+    model, x, hx = make(name, T=T, seed=k + 3)
+    loss_want, want = run_oracle(model, x, hx, k)
+    loss, got, backend = run_compiled(model, x, hx, k)
+    assert_streams(backend, model, T)
+    torch.testing.assert_close(loss, loss_want, rtol=1e-12, atol=0)
+    assert rel_err(got, want) < 1e-10
+    _, exact = run_eager(model, x, hx)
+    assert rel_err(got, exact) > 1e-6              # Highway-BP at k < T is not backprop
+
+
+def test_oracle_is_exact_at_T():
+    """The oracle's own check, on the hardest configuration: k = T is eager autograd."""
+    model, x, hx = make("lstm-3-dropout", T=5)
+    _, want = run_eager(model, x, hx)
+    _, got = run_oracle(model, x, hx, 5)
+    assert rel_err(got, want) < 1e-10
