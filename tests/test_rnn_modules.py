@@ -10,8 +10,6 @@ import torch.nn as nn
 from hbp_compile import hbp_backend
 from oracle_rnn import module_highway
 
-torch.set_default_dtype(torch.float64)
-
 # (module, num_layers, bidirectional, batch_first, h0 given, dropout, loss at every step)
 CONFIGS = {
     "gru": ("GRU", 1, False, False, False, 0.0, True),
@@ -158,3 +156,98 @@ def test_oracle_is_exact_at_T():
     _, want = run_eager(model, x, hx)
     _, got = run_oracle(model, x, hx, 5)
     assert rel_err(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("scan,T", [("chunked", 40), ("log-depth", 13), ("auto", 150)])
+@pytest.mark.parametrize("name", ["gru", "lstm"])
+def test_scan_forms_and_long_sequences(name, scan, T):
+    """Every scan form over time (auto picks the chunked one past 128 steps on a CPU)."""
+    model, x, hx = make(name, T=T, seed=T)
+    _, want = run_oracle(model, x, hx, 1)
+    _, got, backend = run_compiled(model, x, hx, 1, scan=scan)
+    assert_streams(backend, model, T)
+    assert ("chunked" if scan == "auto" else scan) in backend.reports[0].streams[0].scan
+    assert rel_err(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm-2-bidir"])
+def test_gamma_split(name):
+    """The paper's gamma split over time: K -> (1 - gamma) K, gamma K^T g into each VJP."""
+    from oracle_general import highway_backward_general
+    import oracle_rnn
+
+    model, x, hx = make(name, T=6, seed=11)
+    real = oracle_rnn.highway_backward_general
+    oracle_rnn.highway_backward_general = \
+        lambda s, h, k: highway_backward_general(s, h, k, gamma=0.3)
+    try:
+        _, want = run_oracle(model, x, hx, 1)
+    finally:
+        oracle_rnn.highway_backward_general = real
+    _, got, _ = run_compiled(model, x, hx, 1, gamma=0.3)
+    assert rel_err(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("codegen", ["eager", "inductor"])
+@pytest.mark.parametrize("name", ["gru-2-bidir-dropout", "lstm-2-bidir", "rnn-relu-2"])
+def test_float32(name, codegen):
+    """float32, on a CPU the kernels an exact float32 run uses (an LSTM's is mkldnn's): within
+    1e-5 of the float64 oracle at k = 2 and of float64 autograd at k = T."""
+    T = 6
+    model, x, hx = make(name, T=T, seed=7)
+    f32 = copy.deepcopy(model).float()
+    x32 = x.float()
+    hx32 = None if hx is None else tuple(h.float() for h in hx) if isinstance(hx, tuple) \
+        else hx.float()
+    for k, (_, want) in [(2, run_oracle(model, x, hx, 2)), (T, run_eager(model, x, hx))]:
+        _, got, backend = run_compiled(f32, x32, hx32, k, codegen=codegen)
+        assert_streams(backend, model, T)
+        assert rel_err({n: g.double() for n, g in got.items()}, want) < 1e-5
+
+
+def test_unsupported_layers_stay_exact_with_a_reason():
+    """An LSTM with proj_size: lowered (no unrolling) but exact backprop, and the report says."""
+    torch.manual_seed(0)
+    model = Model("LSTM", 2, False, False, 0.0, True)
+    model.rnn = nn.LSTM(3, 5, num_layers=2, proj_size=2).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    _, want = run_eager(model, x, None)
+    _, got, backend = run_compiled(model, x, None, 0)
+    (report,) = backend.reports
+    assert not report.streams and report.rnn_calls == 1
+    assert any("proj_size" in s.reason for s in report.skipped), str(report)
+    assert rel_err(got, want) < 1e-12
+
+
+def test_rnn_modules_off_is_exact():
+    """rnn_modules=False: Dynamo runs the module as without hbp (a graph break), exact grads."""
+    model, x, hx = make("gru", T=5)
+    _, want = run_eager(model, x, hx)
+    _, got, backend = run_compiled(model, x, hx, 0, rnn_modules=False)
+    assert not any(r.streams for r in backend.reports)
+    assert rel_err(got, want) < 1e-12
+
+
+def test_other_backends_do_not_see_allow_rnn():
+    """Only hbp frames trace RNN modules: an exact compile in the same process of a float32
+    LSTM (which allow_rnn=True would hand AOTAutograd as mkldnn_rnn_layer, and crash) runs as
+    by default, and Dynamo's own config still reads as not set."""
+    hbp_backend(iters=1)                     # installs the hook
+    seen = []
+
+    def counting(gm, example_inputs):
+        seen.append(gm)
+        from torch._dynamo.backends.common import aot_autograd
+        from functorch.compile import make_boxed_func
+        return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward))(
+            gm, example_inputs)
+
+    lstm = nn.LSTM(3, 4, num_layers=2)
+    x = torch.randn(5, 2, 3, dtype=torch.float32)
+    want = torch.autograd.grad(lstm(x)[0].sum(), list(lstm.parameters()))
+    out = torch.compile(lstm, backend=counting)(x)[0]
+    got = torch.autograd.grad(out.sum(), list(lstm.parameters()))
+    assert not any(n.target is torch.lstm for g in seen for n in g.graph.nodes)
+    assert not torch._dynamo.config.allow_rnn
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
