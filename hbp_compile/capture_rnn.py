@@ -13,6 +13,8 @@ which is the order in which ATen runs a multi-layer RNN, so the dropout draws ar
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.fx as fx
 
@@ -54,10 +56,33 @@ class AllowRNNForHBP(int):
             tx = InstructionTranslator.current_tx()
         except Exception:                 # noqa: BLE001 - not tracing a frame
             return False
-        return tx is not None and _is_hbp(getattr(tx.output, "compiler_fn", None))
+        if tx is None:
+            return False
+        if _is_hbp(getattr(tx.output, "compiler_fn", None)):
+            return True
+        _warn_frame_skipped(tx)
+        return False
 
     def __repr__(self) -> str:
         return "AllowRNNForHBP()"
+
+
+def _warn_frame_skipped(tx) -> None:
+    """Another backend meets an RNN module: Dynamo will skip the whole frame, for every backend
+    and for the entries compiled before, hbp's included. Say so, once per code object."""
+    code = getattr(tx, "f_code", None)
+    if code is None or code in _WARNED:
+        return
+    _WARNED.add(code)
+    warnings.warn(
+        f"hbp_compile: a backend other than hbp traces an RNN module in {code.co_name} "
+        f"({code.co_filename}:{code.co_firstlineno}); Dynamo skips that frame for every backend "
+        "from now on, so an hbp compile of the same code runs it eagerly with exact backprop. "
+        "Compile it with one backend per process, or set torch._dynamo.config.allow_rnn = True.",
+        stacklevel=2)
+
+
+_WARNED: set = set()
 
 
 def enable_rnn_tracing() -> bool:

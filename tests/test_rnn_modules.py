@@ -251,3 +251,20 @@ def test_other_backends_do_not_see_allow_rnn():
     assert not torch._dynamo.config.allow_rnn
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_another_backend_on_the_same_code_is_not_silent():
+    """Dynamo skips a frame for every backend once one backend cannot trace its RNN module:
+    the pass cannot prevent that, so it says so when it happens."""
+    class Fresh(nn.Module):                   # a code object no other test compiled
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(3, 4)
+
+        def forward(self, x):
+            return self.rnn(x)[0].sum()
+
+    hbp_backend(iters=1)
+    x = torch.randn(5, 2, 3)
+    with pytest.warns(UserWarning, match="Dynamo skips that frame"):
+        torch.compile(Fresh(), backend="aot_eager")(x)

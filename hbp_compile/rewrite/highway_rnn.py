@@ -24,8 +24,23 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from .. import rnn_ops                           # noqa: F401 - registers torch.ops.hbp.*
 from .highway_stream import annotate
-from .scan import reverse_scan
+
+
+def reverse_scan(a, k, form):
+    """g_t = a_t + k_t g_{t+1}: one opaque op (see rnn_ops.reverse_linear_scan for why);
+    a may be a pair (e, v): e (T + 1, ...) plus v (T, ...) on its first rows."""
+    e, v = a if isinstance(a, tuple) else (a, None)
+    return torch.ops.hbp.reverse_linear_scan(e, k.expand(e.shape[0] - 1, *e.shape[1:]), form, v)
+
+
+def _dense(a):
+    """A stream tensor given as (e, v) (see reverse_scan) as one (T + 1, ...) tensor."""
+    if not isinstance(a, tuple):
+        return a
+    e, v = a
+    return e + torch.cat([v, torch.zeros_like(v[:1])])
 
 
 def _chunks(t, n):
@@ -77,7 +92,7 @@ class PlainCell(Cell):
         return zs
 
     def scan(self, A, states, zs, decay, form):
-        return A
+        return tuple(map(_dense, A))
 
     def kt(self, states, zs, G_next):
         return (torch.zeros_like(G_next[0]),)
@@ -131,7 +146,7 @@ class LSTMCell(Cell):
         return o * (1 - torch.tanh(f * c + i * g) ** 2) * f
 
     def scan(self, A, states, zs, decay, form):
-        a_c, a_h = A                 # g^h_t = a^h_t: h_{t-1} reaches s_t only through gates
+        a_c, a_h = map(_dense, A)    # g^h_t = a^h_t: h_{t-1} reaches s_t only through gates
         cross = decay * self._dh_dc(states, zs) * a_h[1:]
         a_c = a_c + torch.cat([cross, torch.zeros_like(cross[:1])])
         return reverse_scan(a_c, decay * zs[1], form), a_h
@@ -213,20 +228,13 @@ class HighwayRNN(torch.autograd.Function):
                     extra = [spec.gamma * k for k in kg[:-1]]
                 else:
                     extra = [None] * (cell.m - 1)
-            A = tuple(_row_add(e, a) for e, a in zip(E, [*extra, v]))
+            A = tuple(e if a is None else (e, a) for e, a in zip(E, [*extra, v]))
             with annotate(hbp_stream=spec.name, hbp_scan=r):
                 G = cell.scan(A, states, zs, decay, spec.scan)
         with annotate(**tags, hbp_round="final"):
             _, dx, *dparams = cell_vjp(G)
         g0 = [g[0] for g in G]                    # state order (c, h); hx's is (h, c)
         return (None, dx, *g0[::-1], *dparams)
-
-
-def _row_add(e, v):
-    """e (T + 1, ...) plus v (T, ...) on its first T rows (v None: e)."""
-    if v is None:
-        return e
-    return e + torch.cat([v, torch.zeros_like(v[:1])])
 
 
 def highway_rnn(spec: RNNSpec):
