@@ -146,6 +146,20 @@ class GRULoop(nn.Module):
         return F.cross_entropy(self.head(h), y)
 
 
+class RNNModule(nn.Module):
+    """nn.GRU / nn.LSTM over T steps and a classifier on every step's output (loss at every
+    step); what a user writes, the module's own ATen op underneath."""
+
+    def __init__(self, kind, T, input_size=3, hidden=64, layers=1, n_classes=10):
+        super().__init__()
+        self.rnn = getattr(nn, kind)(input_size, hidden, num_layers=layers)
+        self.head = nn.Linear(hidden, n_classes)
+
+    def forward(self, xs, ys):                                  # (T, B, input), (T, B)
+        out, _ = self.rnn(xs)
+        return F.cross_entropy(self.head(out).flatten(0, 1), ys.flatten())
+
+
 class BasicBlock(nn.Module):
     """conv-BN-ReLU-conv-BN; with stride 2 the shortcut is a 1x1 conv + BN projection."""
 
@@ -190,6 +204,10 @@ class Case:
     desc: str
     make_model: callable
     make_batch: callable
+    # exact = the uncompiled module: what torch.compile gives a model with an nn.RNN module
+    # (Dynamo cannot trace it and runs the frame eagerly), and compiling it here would make
+    # Dynamo skip the frame for the hbp variants too
+    exact_eager: bool = False
 
 
 CASES = {
@@ -217,6 +235,26 @@ for _T in (64, 256, 1024):      # run with --iters 0,3,5,10 --no-unbatched (the 
                              lambda T=_T: GRULoop(T),
                              lambda dev, T=_T: (torch.randn(T, 32, 8, device=dev),
                                                 torch.randint(10, (32,), device=dev)))
+
+
+def _rnn_case(kind, T, hidden, batch, input_size, layers=1, note=""):
+    return Case(f"nn.{kind} T={T}, hidden {hidden}, {layers} layer(s), batch {batch}, input "
+                f"{input_size}, loss at every step{note}; exact = the module's own op",
+                lambda: RNNModule(kind, T, input_size, hidden, layers),
+                lambda dev: (torch.randn(T, batch, input_size, device=dev),
+                             torch.randint(10, (T, batch), device=dev)),
+                exact_eager=True)
+
+
+# run with --iters 0,1,2,5,10 --no-unbatched --no-nofold (the paper's Table 6 rows)
+CASES["nn-gru1024"] = _rnn_case("GRU", 1024, 64, 32, 3, note=" (pixel CIFAR-10 shape)")
+_GPU = torch.cuda.is_available()
+for _kind in ("GRU", "LSTM"):        # the paper: hidden 512, batch 128 on a GPU; CPU scaled down
+    CASES[f"nn-{_kind.lower()}256"] = _rnn_case(
+        _kind, 256, 512 if _GPU else 128, 128 if _GPU else 32, 32,
+        note="" if _GPU else " (CPU: hidden 512 -> 128, batch 128 -> 32)")
+CASES["nn-gru256x3"] = _rnn_case("GRU", 256, 512 if _GPU else 128, 128 if _GPU else 32, 32,
+                                 layers=3)
 
 # -----------------------------------------------------------------------------
 
@@ -278,13 +316,18 @@ class RecordingInductor:
     """backend="inductor", recording the forward and backward graphs handed to Inductor."""
 
     def __init__(self):
-        self.graphs = {}
+        self.graphs, self.timings = {}, {}
 
     def __call__(self, gm, example_inputs):
+        from hbp_compile.backend import _dynamo_trace_seconds
         from hbp_compile.codegen import compile_inductor
+        self.timings["dynamo_trace_s"] = _dynamo_trace_seconds()
 
-        def on_graph(name, g):
-            self.graphs[name] = g
+        def on_graph(name, g, seconds=None):
+            if seconds is not None:
+                self.timings[f"{name}_compile_s"] = seconds
+            else:
+                self.graphs[name] = g
         # an AOTAutograd cache hit would skip the compilers that record the graphs
         with torch._functorch.config.patch(enable_autograd_cache=False):
             return compile_inductor(gm, example_inputs, on_graph, "exact")
@@ -387,7 +430,10 @@ def bench_model(name, case, args, dev, sync, log, budget):
             continue
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        if vname == "eager":
+        if vname == "eager" and case.exact_eager:
+            rec["skipped"] = "exact already runs the module eagerly"
+            continue
+        if vname == "eager" or (vname == "exact" and case.exact_eager):
             cm, backend = model, None
         else:
             backend = RecordingInductor() if opts is None else hbp_backend(codegen="inductor", **opts)
@@ -416,6 +462,7 @@ def bench_model(name, case, args, dev, sync, log, budget):
             log(f"  {name}/{vname}: FAILED {rec['error']}")
             continue
         if isinstance(backend, RecordingInductor):
+            rec["timings"] = backend.timings
             rec["matmul_flops"] = graph_flops(backend.graphs)
             rec["kernels"] = graph_kernels(backend.graphs)
         elif backend is not None:
@@ -426,6 +473,7 @@ def bench_model(name, case, args, dev, sync, log, budget):
             rec["fallback_reason"] = [r["fallback_reason"] for r in rec["reports"]
                                       if r["fallback_reason"]]
             if backend.reports:
+                rec["timings"] = backend.reports[-1].timings
                 rec["matmul_flops"] = graph_flops(backend.reports[-1].graphs)
                 rec["kernels"] = graph_kernels(backend.reports[-1].graphs)
             else:
@@ -437,8 +485,8 @@ def bench_model(name, case, args, dev, sync, log, budget):
         live.append((vname, step))
 
     times = {v: [] for v, _ in live}
-    for _ in range(args.steps):                             # interleaved: one step per variant
-        for vname, step in live:
+    for r in range(args.steps):                 # interleaved: one step per variant, the order
+        for vname, step in live[r % len(live):] + live[:r % len(live)]:   # rotating per round
             sync(); t0 = time.perf_counter()
             step()
             sync(); times[vname].append(1e3 * (time.perf_counter() - t0))
@@ -595,6 +643,7 @@ def main():
     results = dict(torch=torch.__version__, python=platform.python_version(),
                    device=args.device, threads=torch.get_num_threads(),
                    omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+                   glibc_tunables=os.environ.get("GLIBC_TUNABLES"),
                    device_name=torch.cuda.get_device_name() if dev.type == "cuda"
                    else (platform.processor() or platform.machine()),
                    cpu_count=os.cpu_count(), steps=args.steps, warmup=args.warmup,

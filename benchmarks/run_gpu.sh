@@ -3,6 +3,7 @@
 #     bash benchmarks/run_gpu.sh            # results under $OUT if set, else benchmarks/results
 #     WHICH=gru bash benchmarks/run_gpu.sh  # the GRU-over-time benchmark instead
 #     WHICH=scan bash benchmarks/run_gpu.sh # sequential vs log-depth scan (scan="auto"'s rule)
+#     WHICH=rnn bash benchmarks/run_gpu.sh  # nn.GRU / nn.LSTM modules (cuDNN) vs hbp, Table 6
 # Whole run < 8 min: exactness checks (< 2 min), then 200 s of compiling shared by the presets
 # and a hard stop at 330 s (the JSON is written after each preset, so a stop keeps the others).
 set -uo pipefail
@@ -24,6 +25,11 @@ elif [ "${WHICH:-step}" = gru ]; then   # WHICH=gru: the paper's Table 6 setting
     timeout -k 10 450 "$PY" benchmarks/bench_step.py --device cuda --budget 330 \
         --models gru256,gru1024 --iters 0,3,5,10 --no-unbatched \
         --out "$DEST/bench_gru_cuda.json" 2>&1 | tee "$DEST/bench_gru_cuda.log"
+elif [ "${WHICH:-step}" = rnn ]; then   # WHICH=rnn: nn.GRU / nn.LSTM, the module's cuDNN op
+    timeout -k 10 450 "$PY" benchmarks/bench_step.py --device cuda --budget 300 --no-warm \
+        --models nn-gru256,nn-lstm256,nn-gru1024,nn-gru256x3 --iters 0,1,2,5,10 \
+        --no-unbatched --no-eager \
+        --out "$DEST/bench_rnn_cuda.json" 2>&1 | tee "$DEST/bench_rnn_cuda.log"
 else                                    # default: exactness on CUDA, then the step benchmark
     timeout -k 10 120 "$PY" benchmarks/cuda_check.py --out "$DEST/cuda_check.json" 2>&1 \
         | tee "$DEST/cuda_check.log"

@@ -5,6 +5,8 @@ with strict=True it raises HBPError instead.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.fx as fx
 
@@ -65,19 +67,22 @@ class HBPBackend:
             "iters": cfg.iters, "gamma": cfg.gamma, "codegen": cfg.codegen,
             "batched": cfg.batched, "recompute": cfg.recompute, "cache_key": cfg.cache_key()})
         self.reports.append(report)
+        report.timings["dynamo_trace_s"] = _dynamo_trace_seconds()
+        t0 = time.perf_counter()
         try:
             compiled = self._compile(gm, example_inputs, report)
         except _RESTARTS:
             self.reports.remove(report)       # Dynamo restarts the frame: a new report follows
             raise
+        report.timings["backend_s"] = time.perf_counter() - t0
         log.info("%s", report)
         self._dump(report)
         return compiled
 
     def _compile(self, gm: fx.GraphModule, example_inputs, report: GraphReport):
         """Rewrite and compile; on any failure, compile `gm` as it is (exact backprop)."""
-        def on_graph(name, g):
-            self._on_graph(report, name, g)
+        def on_graph(name, g, seconds=None):
+            self._on_graph(report, name, g, seconds)
 
         codegen, key = self.config.codegen, self.config.cache_key()
         patches = self.config.inductor_patches()
@@ -86,7 +91,9 @@ class HBPBackend:
             report.skipped.append(SkipReport(node, why))
         stage = "the pass"
         try:
+            t0 = time.perf_counter()
             rewritten = self._rewrite(gm, example_inputs, report)
+            report.timings["pass_s"] = time.perf_counter() - t0
             if rewritten is not None:
                 stage = "compiling the rewritten graph"
                 return compile_graph(rewritten, example_inputs, codegen, on_graph, key, patches)
@@ -109,7 +116,10 @@ class HBPBackend:
             report.graphs.pop(name, None)
         log.warning("hbp_compile graph %d: %s; exact backprop", report.index, reason)
 
-    def _on_graph(self, report: GraphReport, name: str, g: fx.GraphModule) -> None:
+    def _on_graph(self, report: GraphReport, name: str, g, seconds: float = None) -> None:
+        if seconds is not None:                        # an Inductor compile just finished
+            report.timings[f"{name}_compile_s"] = seconds
+            return
         report.graphs[name] = g
         if log_enabled("graphs") and name in ("forward", "backward"):
             log.info("graph %d %s:\n%s", report.index, name, readable(g))
@@ -236,6 +246,13 @@ def _rnn_stream_report(spec: RNNSpec, node: fx.Node, T: int, n_params: int) -> S
                         x0=hx[0].name, blocks=[], groups=[group],
                         injections=list(range(1, T)) if out else [], side_outputs=0,
                         scan=scan, source=f"{path}: {where}".strip(": "))
+
+
+def _dynamo_trace_seconds() -> float:
+    """How long Dynamo traced the frame being compiled (its bytecode_tracing metric)."""
+    from torch._dynamo.utils import compilation_time_metrics
+    times = compilation_time_metrics.get("bytecode_tracing") or [float("nan")]
+    return times[-1]
 
 
 def _not_worth_batching(group) -> str:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from typing import Callable
 
 import torch.fx as fx
 
-OnGraph = Callable[[str, fx.GraphModule], None]
+OnGraph = Callable[..., None]        # (name, graph) or (name, None, compile seconds)
 
 
 def _joint_pass(cache_key: str, on_graph: OnGraph):
@@ -65,8 +66,10 @@ def compile_inductor(gm: fx.GraphModule, example_inputs, on_graph: OnGraph, cach
     def inner_compile(g, inputs, **kwargs):
         name = "backward" if kwargs.get("is_backward") else "forward"
         on_graph(name, g)
+        t0 = time.perf_counter()
         with deep_recursion():          # the backward compiles later, at the first backward
             compiled = compile_fx_inner(g, inputs, **kwargs)
+        on_graph(name, None, time.perf_counter() - t0)
         code = getattr(compiled, "source_code", None)    # Inductor's generated module
         if code is not None:
             on_graph(f"{name}_code", code)

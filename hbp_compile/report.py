@@ -64,6 +64,7 @@ class GraphReport:
     skipped: list[SkipReport] = dataclasses.field(default_factory=list)
     residual_steps: int = 0         # residual steps found in the graph
     rnn_calls: int = 0              # RNN module calls traced (allow_rnn) and lowered to layers
+    timings: dict = dataclasses.field(default_factory=dict)   # compile stage -> seconds
     fallback_reason: Optional[str] = None
     graphs: dict = dataclasses.field(default_factory=dict, repr=False)  # name -> GraphModule
 
@@ -103,6 +104,9 @@ class GraphReport:
         if self.rnn_calls:
             lines.append(f"  {self.rnn_calls} RNN module call(s) traced (Dynamo's allow_rnn, "
                          "set for hbp frames) and lowered to one op per layer and direction")
+        if self.timings:
+            lines.append("  compile: " + ", ".join(f"{k.removesuffix('_s')} {v:.2f}s"
+                                                   for k, v in self.timings.items()))
         for s in self.streams:
             inj = ", ".join(f"x_{l}" for l in s.injections) or "none"
             planned = "(planned, not applied) " if self.fallback_reason is not None else ""
