@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from .backend import HBPBackend, HBPError
+from .capture_rnn import enable_rnn_tracing
 from .config import HBPConfig
 from .explain import Explanation, explain
 from .fidelity import FidelityResult, calibrate_iters, fidelity
@@ -25,11 +26,13 @@ def hbp_backend(iters: int = 3, *, gamma: float = 0.0, codegen: str = "inductor"
 
 
 _string_backends: dict[HBPConfig, HBPBackend] = {}
+enable_rnn_tracing(in_use=False)        # backend="hbp" creates its HBPBackend after tracing
 
 
 def dynamo_backend(gm, example_inputs, options: dict | None = None, mode=None):
     """The `backend="hbp"` entry point: torch.compile(m, backend="hbp", options={"iters": 2})."""
     options = dict(options or {})
+    enable_rnn_tracing()
     if mode is not None:
         options.setdefault("mode", mode)
     config = HBPConfig(**options)

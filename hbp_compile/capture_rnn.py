@@ -34,6 +34,9 @@ def _is_hbp(compiler_fn) -> bool:
     for _ in range(8):                    # WrapBackendDebug -> _TorchCompileWrapper -> ours
         if compiler_fn is None:
             return False
+        options = (getattr(compiler_fn, "kwargs", None) or {}).get("options") or {}
+        if isinstance(options, dict) and options.get("rnn_modules") is False:
+            return False                  # backend="hbp", options={"rnn_modules": False}
         if isinstance(compiler_fn, _backend.HBPBackend):
             return compiler_fn.config.rnn_modules
         if getattr(compiler_fn, "__name__", "") == "dynamo_backend" and \
@@ -71,7 +74,7 @@ def _warn_frame_skipped(tx) -> None:
     """Another backend meets an RNN module: Dynamo will skip the whole frame, for every backend
     and for the entries compiled before, hbp's included. Say so, once per code object."""
     code = getattr(tx, "f_code", None)
-    if code is None or code in _WARNED:
+    if code is None or code in _WARNED or not _HBP_IN_USE:
         return
     _WARNED.add(code)
     warnings.warn(
@@ -83,10 +86,14 @@ def _warn_frame_skipped(tx) -> None:
 
 
 _WARNED: set = set()
+_HBP_IN_USE = False            # an hbp backend exists: other backends skipping frames matters
 
 
-def enable_rnn_tracing() -> bool:
-    """Make Dynamo trace RNN modules for hbp backends; False if the user already set it."""
+def enable_rnn_tracing(in_use: bool = True) -> bool:
+    """Make Dynamo trace RNN modules for hbp backends; False if the user already set it.
+    Installed at import (backend="hbp" is looked up, so imported, before Dynamo traces)."""
+    global _HBP_IN_USE
+    _HBP_IN_USE = _HBP_IN_USE or in_use
     from torch._dynamo import config
     if config.allow_rnn is True or isinstance(config.allow_rnn, AllowRNNForHBP):
         return isinstance(config.allow_rnn, AllowRNNForHBP)

@@ -268,3 +268,20 @@ def test_another_backend_on_the_same_code_is_not_silent():
     x = torch.randn(5, 2, 3)
     with pytest.warns(UserWarning, match="Dynamo skips that frame"):
         torch.compile(Fresh(), backend="aot_eager")(x)
+
+
+def test_string_backend_traces_rnn_modules():
+    """backend="hbp" (the entry point) rewrites nn.GRU as hbp_backend(...) does."""
+    from hbp_compile import string_backend
+
+    T = 5
+    model, x, hx = make("gru", T=T, seed=21)
+    _, want = run_oracle(model, x, hx, 1)
+    m = copy.deepcopy(model)
+    cm = torch.compile(m, backend="hbp", options={"iters": 1, "codegen": "eager"})
+    x, hx = _leaves(x, hx)
+    torch.manual_seed(1)
+    cm(x, hx).backward()
+    assert rel_err(_grads(m, x, hx), want) < 1e-10
+    report = string_backend(iters=1, codegen="eager").reports[-1]
+    assert [s.length for s in report.streams] == [T]
