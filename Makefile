@@ -7,7 +7,7 @@ PYTHON  := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv demo hf test test-all bench clean
+.PHONY: venv demo hf test test-all bench bench-rnn clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,13 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/bench_step.py --threads 1
+
+# nn.GRU / nn.LSTM presets; glibc keeps freed memory (see benchmarks/README.md, "Allocator")
+bench-rnn: $(STAMP)
+	GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184 \
+	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/bench_step.py --threads 1 --models nn-gru1024,nn-gru256,nn-lstm256 \
+	    --iters 0,1,2,5,10 --no-unbatched --no-eager --out benchmarks/results/bench_rnn_cpu.json
+	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/rnn_compile_time.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

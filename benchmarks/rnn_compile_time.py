@@ -55,7 +55,7 @@ def main():
             setattr(torch._dynamo.config, knob, 64)
 
     warm = RNNModule("GRU", 8, hidden=8)             # Inductor's start-up, paid once here
-    first_step_and_steady(torch.compile(warm, backend=hbp_backend(iters=1)),
+    first_step_and_steady(torch.compile(warm, backend=hbp_backend(iters=1), dynamic=False),
                           (torch.randn(8, 2, 3), torch.randint(10, (8, 2))), steps=1)
 
     results = dict(torch=torch.__version__, machine=platform.machine(), threads=args.threads,
@@ -63,11 +63,14 @@ def main():
     for kind in args.kinds.split(","):
         for T in map(int, args.lengths.split(",")):
             torch.manual_seed(0)
+            torch._dynamo.reset()           # no automatic-dynamic recompile from the last size
             backend = hbp_backend(iters=args.iters)
-            model = torch.compile(RNNModule(kind, T, hidden=args.hidden), backend=backend)
+            model = torch.compile(RNNModule(kind, T, hidden=args.hidden), backend=backend,
+                                  dynamic=False)
             batch = (torch.randn(T, args.batch, 3), torch.randint(10, (T, args.batch)))
             first, steady = first_step_and_steady(model, batch)
             (report,) = backend.reports
+            assert [s.length for s in report.streams] == [T], str(report)
             run = dict(kind=kind, T=T, compile_s=first - steady, step_s=steady,
                        stages=report.timings, streams=[s.length for s in report.streams])
             results["runs"].append(run)
