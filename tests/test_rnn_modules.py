@@ -188,8 +188,11 @@ def test_gamma_split(name):
     assert rel_err(got, want) < 1e-10
 
 
-@pytest.mark.parametrize("codegen", ["eager", "inductor"])
-@pytest.mark.parametrize("name", ["gru-2-bidir-dropout", "lstm-2-bidir", "rnn-relu-2"])
+FLOAT32 = [(name, "eager") for name in CONFIGS] + \
+    [(name, "inductor") for name in ("gru-2-bidir-dropout", "lstm-2-bidir", "rnn-relu-2")]
+
+
+@pytest.mark.parametrize("name,codegen", FLOAT32)
 def test_float32(name, codegen):
     """float32, on a CPU the kernels an exact float32 run uses (an LSTM's is mkldnn's): within
     1e-5 of the float64 oracle at k = 2 and of float64 autograd at k = T."""
