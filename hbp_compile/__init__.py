@@ -32,7 +32,6 @@ enable_rnn_tracing(in_use=False)        # backend="hbp" creates its HBPBackend a
 def dynamo_backend(gm, example_inputs, options: dict | None = None, mode=None):
     """The `backend="hbp"` entry point: torch.compile(m, backend="hbp", options={"iters": 2})."""
     options = dict(options or {})
-    enable_rnn_tracing()
     if mode is not None:
         options.setdefault("mode", mode)
     config = HBPConfig(**options)

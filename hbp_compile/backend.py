@@ -220,7 +220,6 @@ class HBPBackend:
 
 def _rnn_layers(graph: fx.Graph) -> list[fx.Node]:
     """The hbp::rnn_layer nodes of a captured graph (one per RNN layer and direction)."""
-    from . import rnn_ops                               # noqa: F401 - registers the op
     return list(graph.find_nodes(op="call_function", target=torch.ops.hbp.rnn_layer.default))
 
 

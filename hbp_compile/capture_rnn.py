@@ -56,10 +56,14 @@ def _current_frame():
         return None
 
 
+def _for_hbp(tx) -> bool:
+    """Does Dynamo trace this frame (an InstructionTranslator or None) for an hbp backend?"""
+    return tx is not None and _is_hbp(getattr(tx.output, "compiler_fn", None))
+
+
 def tracing_for_hbp() -> bool:
     """Is Dynamo tracing a frame for an hbp backend (with RNN modules on) right now?"""
-    tx = _current_frame()
-    return tx is not None and _is_hbp(getattr(tx.output, "compiler_fn", None))
+    return _for_hbp(_current_frame())
 
 
 class AllowRNNForHBP(int):
@@ -70,11 +74,10 @@ class AllowRNNForHBP(int):
 
     def __bool__(self) -> bool:
         tx = _current_frame()
-        if tx is None:
-            return False
-        if _is_hbp(getattr(tx.output, "compiler_fn", None)):
+        if _for_hbp(tx):
             return True
-        _warn_frame_skipped(tx)
+        if tx is not None:
+            _warn_frame_skipped(tx)
         return False
 
     def __repr__(self) -> str:
@@ -110,16 +113,19 @@ def _layered_fake_kernels() -> None:
         for key in (DispatchKey.CompositeImplicitAutograd, DispatchKey.Autograd,
                     DispatchKey.Meta):
             torch_kernel = op.py_kernels.get(key)
-            if torch_kernel is None or getattr(torch_kernel, "hbp_layered", False):
-                continue
-
-            def kernel(*args, mode=mode, torch_kernel=torch_kernel):
-                if not tracing_for_hbp():
-                    return torch_kernel(*args)
-                return rnn_module("fake", mode, *args)
-            kernel.hbp_layered = True
-            op.py_kernels[key] = kernel
+            if torch_kernel is not None and not getattr(torch_kernel, "hbp_layered", False):
+                op.py_kernels[key] = _layered_kernel(mode, torch_kernel)
         op._dispatch_cache.clear()
+
+
+def _layered_kernel(mode: str, torch_kernel):
+    """torch's Python kernel of aten.<mode>.input, or the layer ops inside an hbp frame."""
+    def kernel(*args, **kwargs):
+        if not tracing_for_hbp():
+            return torch_kernel(*args, **kwargs)
+        return rnn_module("fake", mode, *args, **kwargs)
+    kernel.hbp_layered = True
+    return kernel
 
 
 def enable_rnn_tracing(in_use: bool = True) -> bool:
@@ -180,7 +186,7 @@ def rnn_module(call: str, mode: str, input, hx, params, has_biases: bool, num_la
 
 def lower_rnn_modules(gm: fx.GraphModule) -> list[tuple[str, str]]:
     """Lower every torch.gru/lstm/rnn_* call of a Dynamo graph; returns (node, reason) skips."""
-    skipped = []
+    skipped, lowered = [], False
     for node in list(gm.graph.nodes):
         mode = RNN_FUNCTIONS.get(node.target) if node.op == "call_function" else None
         if mode is None:
@@ -191,6 +197,7 @@ def lower_rnn_modules(gm: fx.GraphModule) -> list[tuple[str, str]]:
             continue
         node.target = rnn_module
         node.args = (node.name, mode, *node.args)
-    if any(n.target is rnn_module for n in gm.graph.nodes):
+        lowered = True
+    if lowered:
         gm.recompile()
     return skipped

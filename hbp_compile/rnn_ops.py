@@ -21,9 +21,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-MODES = ("rnn_tanh", "rnn_relu", "gru", "lstm")
-
-
 def _aten_layer(mode: str, x: Tensor, hx: list[Tensor], params: list[Tensor],
                 has_biases: bool, train: bool) -> list[Tensor]:
     """The ATen RNN op for one layer and direction (num_layers=1, no dropout)."""

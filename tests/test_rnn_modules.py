@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from hbp_compile import hbp_backend
+from helpers import max_rel_err
 from oracle_rnn import module_highway
 
 # (module, num_layers, bidirectional, batch_first, h0 given, dropout, loss at every step)
@@ -106,13 +107,6 @@ def run_oracle(model, x, hx, k, seed=1):
     return loss, _grads(m, x, hx)
 
 
-def rel_err(got, want):
-    """Worst per-tensor ||got - want|| / ||want|| (floored at 1e-12 of the largest gradient)."""
-    scale = max(w.norm().item() for w in want.values())
-    return max((got[n] - w).norm().item() / max(w.norm().item(), 1e-12 * scale)
-               for n, w in want.items())
-
-
 def assert_streams(backend, model, T):
     (report,) = backend.reports
     rnn = model.rnn
@@ -133,7 +127,7 @@ def test_exact_at_T_and_same_forward(name):
     assert_streams(backend, model, T)
     assert loss.item() == loss_want.item() or model.rnn.bidirectional, (loss, loss_want)
     torch.testing.assert_close(loss, loss_want, rtol=1e-14, atol=0)
-    assert rel_err(got, want) < 1e-10
+    assert max_rel_err(got, want) < 1e-10
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -145,9 +139,9 @@ def test_matches_the_oracle(name, k):
     loss, got, backend = run_compiled(model, x, hx, k)
     assert_streams(backend, model, T)
     torch.testing.assert_close(loss, loss_want, rtol=1e-12, atol=0)
-    assert rel_err(got, want) < 1e-10
+    assert max_rel_err(got, want) < 1e-10
     _, exact = run_eager(model, x, hx)
-    assert rel_err(got, exact) > 1e-6              # Highway-BP at k < T is not backprop
+    assert max_rel_err(got, exact) > 1e-6              # Highway-BP at k < T is not backprop
 
 
 def test_oracle_is_exact_at_T():
@@ -155,7 +149,7 @@ def test_oracle_is_exact_at_T():
     model, x, hx = make("lstm-3-dropout", T=5)
     _, want = run_eager(model, x, hx)
     _, got = run_oracle(model, x, hx, 5)
-    assert rel_err(got, want) < 1e-10
+    assert max_rel_err(got, want) < 1e-10
 
 
 @pytest.mark.parametrize("scan,T", [("chunked", 40), ("log-depth", 13), ("auto", 150)])
@@ -167,7 +161,7 @@ def test_scan_forms_and_long_sequences(name, scan, T):
     _, got, backend = run_compiled(model, x, hx, 1, scan=scan)
     assert_streams(backend, model, T)
     assert ("chunked" if scan == "auto" else scan) in backend.reports[0].streams[0].scan
-    assert rel_err(got, want) < 1e-10
+    assert max_rel_err(got, want) < 1e-10
 
 
 @pytest.mark.parametrize("name", ["gru", "lstm-2-bidir"])
@@ -185,7 +179,7 @@ def test_gamma_split(name):
     finally:
         oracle_rnn.highway_backward_general = real
     _, got, _ = run_compiled(model, x, hx, 1, gamma=0.3)
-    assert rel_err(got, want) < 1e-10
+    assert max_rel_err(got, want) < 1e-10
 
 
 FLOAT32 = [(name, "eager") for name in CONFIGS] + \
@@ -205,7 +199,7 @@ def test_float32(name, codegen):
     for k, (_, want) in [(2, run_oracle(model, x, hx, 2)), (T, run_eager(model, x, hx))]:
         _, got, backend = run_compiled(f32, x32, hx32, k, codegen=codegen)
         assert_streams(backend, model, T)
-        assert rel_err({n: g.double() for n, g in got.items()}, want) < 1e-5
+        assert max_rel_err({n: g.double() for n, g in got.items()}, want) < 1e-5
 
 
 def test_unsupported_layers_stay_exact_with_a_reason():
@@ -219,7 +213,7 @@ def test_unsupported_layers_stay_exact_with_a_reason():
     (report,) = backend.reports
     assert not report.streams and report.rnn_calls == 1
     assert any("proj_size" in s.reason for s in report.skipped), str(report)
-    assert rel_err(got, want) < 1e-12
+    assert max_rel_err(got, want) < 1e-12
 
 
 def test_rnn_modules_off_is_exact():
@@ -228,7 +222,7 @@ def test_rnn_modules_off_is_exact():
     _, want = run_eager(model, x, hx)
     _, got, backend = run_compiled(model, x, hx, 0, rnn_modules=False)
     assert not any(r.streams for r in backend.reports)
-    assert rel_err(got, want) < 1e-12
+    assert max_rel_err(got, want) < 1e-12
 
 
 def test_other_backends_do_not_see_allow_rnn():
@@ -285,6 +279,6 @@ def test_string_backend_traces_rnn_modules():
     x, hx = _leaves(x, hx)
     torch.manual_seed(1)
     cm(x, hx).backward()
-    assert rel_err(_grads(m, x, hx), want) < 1e-10
+    assert max_rel_err(_grads(m, x, hx), want) < 1e-10
     report = string_backend(iters=1, codegen="eager").reports[-1]
     assert [s.length for s in report.streams] == [T]

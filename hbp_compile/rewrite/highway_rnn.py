@@ -28,7 +28,7 @@ from .. import rnn_ops                           # noqa: F401 - registers torch.
 from .highway_stream import annotate
 
 
-def reverse_scan(a, k, form):
+def scan_over_time(a, k, form):
     """g_t = a_t + k_t g_{t+1}: one opaque op (see rnn_ops.reverse_linear_scan for why);
     a may be a pair (e, v): e (T + 1, ...) plus v (T, ...) on its first rows."""
     e, v = a if isinstance(a, tuple) else (a, None)
@@ -36,15 +36,11 @@ def reverse_scan(a, k, form):
 
 
 def _dense(a):
-    """A stream tensor given as (e, v) (see reverse_scan) as one (T + 1, ...) tensor."""
+    """A stream tensor given as (e, v) (see scan_over_time) as one (T + 1, ...) tensor."""
     if not isinstance(a, tuple):
         return a
     e, v = a
     return e + torch.cat([v, torch.zeros_like(v[:1])])
-
-
-def _chunks(t, n):
-    return t.chunk(n, -1)
 
 
 class Cell:
@@ -103,8 +99,8 @@ class GRUCell(Cell):
 
     def block(self, h, x, *params):
         gi, gh = _linear_gates(h, x, params)
-        i_r, i_z, i_n = _chunks(gi, 3)
-        h_r, h_z, h_n = _chunks(gh, 3)
+        i_r, i_z, i_n = gi.chunk(3, -1)
+        h_r, h_z, h_n = gh.chunk(3, -1)
         r = torch.sigmoid(i_r + h_r)
         return torch.sigmoid(i_z + h_z), torch.tanh(i_n + r * h_n)
 
@@ -113,7 +109,7 @@ class GRUCell(Cell):
         return (z * h + (1 - z) * n,)
 
     def scan(self, A, states, zs, decay, form):
-        return (reverse_scan(A[0], decay * zs[0], form),)
+        return (scan_over_time(A[0], decay * zs[0], form),)
 
     def kt(self, states, zs, G_next):
         return (zs[0] * G_next[0],)
@@ -126,7 +122,7 @@ class LSTMCell(Cell):
 
     def block(self, h, x, *params):
         gi, gh = _linear_gates(h, x, params)
-        i, f, g, o = _chunks(gi + gh, 4)
+        i, f, g, o = (gi + gh).chunk(4, -1)
         return torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
 
     def residual(self, states, zs):
@@ -137,7 +133,7 @@ class LSTMCell(Cell):
     def states(self, h_prev, hx, zs, form):
         i, f, g, _ = zs                           # c_t = f_t c_{t-1} + i_t g_t, run in reverse
         a = torch.cat([(i * g).flip(0), hx[1].unsqueeze(0)])
-        c = reverse_scan(a, f.flip(0), form).flip(0)                    # (T + 1, B, H)
+        c = scan_over_time(a, f.flip(0), form).flip(0)                 # (T + 1, B, H)
         return c[:-1], h_prev
 
     def _dh_dc(self, states, zs):
@@ -149,7 +145,7 @@ class LSTMCell(Cell):
         a_c, a_h = map(_dense, A)    # g^h_t = a^h_t: h_{t-1} reaches s_t only through gates
         cross = decay * self._dh_dc(states, zs) * a_h[1:]
         a_c = a_c + torch.cat([cross, torch.zeros_like(cross[:1])])
-        return reverse_scan(a_c, decay * zs[1], form), a_h
+        return scan_over_time(a_c, decay * zs[1], form), a_h
 
     def kt(self, states, zs, G_next):
         g_c, g_h = G_next
