@@ -161,6 +161,7 @@ class HBPBackend:
             _count("streams_rewritten")
             _count("blocks_rewritten", len(seg.blocks))
             _count("groups_batched", sum(batched))
+            _count("capture_fns_batched", sum(g.capture is not None for g in spec.groups))
             _count("groups_unbatched", len(batched) - sum(batched))
             _count("groups_saved", sum(g.partition is not None for g in seg.groups))
             _count("groups_recomputed", sum(g.partition is None for g in seg.groups))
@@ -295,7 +296,8 @@ def _stream_report(name, seg: Segment, spec, batched, reasons) -> StreamReport:
                           batched[gi], reasons[gi], sum(g.shared),
                           g.partition.n_saved if g.partition is not None else -1,
                           g.recompute_reason,
-                          g.partition.folded if g.partition is not None else 0)
+                          g.partition.folded if g.partition is not None else 0,
+                          spec.groups[gi].capture.fn_ops if spec.groups[gi].capture else 0)
               for gi, g in enumerate(seg.groups)]
     if spec.gamma == 1:
         scan = "none (gamma=1: fixed-point iteration)"
@@ -308,7 +310,8 @@ def _stream_report(name, seg: Segment, spec, batched, reasons) -> StreamReport:
             (f" x (1-gamma)={1 - spec.gamma:g}" if spec.gamma else "")
     else:
         scan = {"sequential": f"reverse sum ({spec.length} fused adds)",
-                "chunked": "chunked reverse sum"}.get(spec.scan, "reverse cumsum") \
+                "chunked": "chunked reverse sum", "op": "reverse sum (one op)"}.get(
+                    spec.scan, "reverse cumsum") \
             if spec.gamma == 0 else \
             f"{spec.scan} scan, K=(1-gamma)I={1 - spec.gamma:g}I"
     return StreamReport(name=name, length=len(seg.blocks), residual_kind=seg.kind,

@@ -7,7 +7,7 @@ import os
 from typing import Optional
 
 CODEGENS = ("inductor", "eager")
-SCANS = ("auto", "sequential", "chunked", "log-depth")      # rewrite.scan.choose_scan
+SCANS = ("auto", "sequential", "chunked", "log-depth", "op")      # rewrite.scan.choose_scan
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 

@@ -28,6 +28,7 @@ class GroupReport:
     saved: int = -1                 # activations the forward saves per block; -1: recomputes
     recompute_reason: str = ""      # why the backward recomputes the block's forward
     folded_norms: int = 0           # norms whose affine weights the final VJP folds into dW
+    capture_ops: int = 0            # ops of the members' capture function (final VJP, batched)
 
     @property
     def size(self) -> int:
@@ -120,6 +121,8 @@ class GraphReport:
                 tied += f", {g.saved} saved activation(s) per block" if g.saved >= 0 else \
                     f", forward recomputed in the backward ({g.recompute_reason})"
                 tied += f", {g.folded_norms} norm affine(s) folded" if g.folded_norms else ""
+                tied += f", per-block captures computed by {g.capture_ops} op(s) differentiated " \
+                    f"batched" if g.capture_ops else ""
                 lines.append(f"    group {g.index}: {g.size} block(s) {_ranges(g.members)} {how}"
                              f"{tied} -- {g.summary}")
             for b in s.blocks:

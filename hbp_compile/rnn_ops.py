@@ -114,7 +114,7 @@ def reverse_linear_scan(a: Tensor, k: Tensor, form: str, v: Optional[Tensor] = N
             rows[t].addcmul_(ks[t], rows[t + 1])
         return g
     from .rewrite.scan import reverse_scan
-    return reverse_scan(g, k, form).contiguous()
+    return reverse_scan(g, k, "log-depth" if form == "op" else form).contiguous()
 
 
 @reverse_linear_scan.register_fake

@@ -183,9 +183,10 @@ class GRUCellLoop(nn.Module):
     bit (to float64 rounding on other builds). K = diag(z) either way.
     """
 
-    def __init__(self, input_size=4, hidden=16, T=32):
+    def __init__(self, input_size=4, hidden=16, T=32, order=None):
         super().__init__()
         self.input_size, self.hidden, self.T = input_size, hidden, T
+        self.order = list(range(T)) if order is None else list(order)   # the x[:, t] read
         self.cell = nn.GRUCell(input_size, hidden)
         self.h0 = nn.Parameter(0.1 * torch.randn(hidden))
         self.head = nn.Linear(hidden, 1)
@@ -209,7 +210,7 @@ class GRUCellLoop(nn.Module):
 
     def forward(self, x):
         h = self.h0.expand(x.size(0), -1)
-        for t in range(x.size(1)):
+        for t in self.order:
             h = self.cell(x[:, t], h)
         return self._loss(h)
 
@@ -217,7 +218,7 @@ class GRUCellLoop(nn.Module):
         return self.head(h).pow(2).mean()
 
     def stream_view(self, x):
-        steps = [(lambda h, x_t=x[:, t]: self.gates(x_t, h), self.update) for t in range(x.size(1))]
+        steps = [(lambda h, x_t=x[:, t]: self.gates(x_t, h), self.update) for t in self.order]
         return [(self.h0.expand(x.size(0), -1), steps)], lambda states: self._loss(states[0][-1])
 
     def example_inputs(self, batch_size=4):
@@ -439,6 +440,40 @@ class GatedMLP(nn.Module):
 
     def example_inputs(self, batch_size=4):
         return (torch.randn(batch_size, self.d, dtype=_dtype(self)),)
+
+
+class ConditionedGateMLP(nn.Module):
+    """x = x + act_l(W_l c + b_l) * mlp_l(x), c = silu(W_c y) shared: DiT's adaLN gate. Each
+    block's gate is computed outside it, from its own Linear and the shared condition c (K = I).
+    `acts` names each block's gate activation ("sigmoid" or "tanh")."""
+
+    def __init__(self, d=8, d_c=5, n_blocks=5, hidden=16, acts=None):
+        super().__init__()
+        self.d, self.d_c = d, d_c
+        self.acts = acts or ["sigmoid"] * n_blocks
+        self.cond = nn.Linear(d_c, d_c)
+        self.mlps = nn.ModuleList(MLPBranch(d, hidden) for _ in range(n_blocks))
+        self.gates = nn.ModuleList(nn.Linear(d_c, d) for _ in range(n_blocks))
+        self.head = nn.Linear(d, 1)
+
+    def gate(self, l, c):
+        return getattr(torch, self.acts[l])(self.gates[l](c))
+
+    def forward(self, x, y):
+        c = F.silu(self.cond(y))
+        for l, mlp in enumerate(self.mlps):
+            x = x + self.gate(l, c) * mlp(x)
+        return self.head(x).pow(2).mean()
+
+    def stream_view(self, x, y):
+        c = F.silu(self.cond(y))
+        steps = [(lambda h, mlp=mlp: (mlp(h),), lambda h, z, l=l: h + self.gate(l, c) * z)
+                 for l, mlp in enumerate(self.mlps)]
+        return [(x, steps)], lambda states: self.head(states[0][-1]).pow(2).mean()
+
+    def example_inputs(self, batch_size=4):
+        dt = _dtype(self)
+        return (torch.randn(batch_size, self.d, dtype=dt), torch.randn(batch_size, self.d_c, dtype=dt))
 
 
 # -----------------------------------------------------------------------------

@@ -155,12 +155,12 @@ def test_oracle_is_exact_at_T():
 @pytest.mark.parametrize("scan,T", [("chunked", 40), ("log-depth", 13), ("auto", 150)])
 @pytest.mark.parametrize("name", ["gru", "lstm"])
 def test_scan_forms_and_long_sequences(name, scan, T):
-    """Every scan form over time (auto picks the chunked one past 128 steps on a CPU)."""
+    """Every scan form over time (auto picks the opaque op past 32 steps on a CPU)."""
     model, x, hx = make(name, T=T, seed=T)
     _, want = run_oracle(model, x, hx, 1)
     _, got, backend = run_compiled(model, x, hx, 1, scan=scan)
     assert_streams(backend, model, T)
-    assert ("chunked" if scan == "auto" else scan) in backend.reports[0].streams[0].scan
+    assert ("op" if scan == "auto" else scan) in backend.reports[0].streams[0].scan
     assert max_rel_err(got, want) < 1e-10
 
 

@@ -46,25 +46,36 @@ def vmappable(template: fx.GraphModule):
     return run
 
 
-def _traced_op_counts(gm: fx.GraphModule, vals, shared, n: int, n_x: int = 1):
-    """Op counts of the traced VJP of vmap(template) over n stacked copies of the inputs."""
+def _traced_op_counts(gm: fx.GraphModule, vals, stacked, diff, n: int):
+    """Op counts of the traced VJP (in the `diff` inputs) of vmap(gm) over n members, with
+    the `stacked` inputs given per member and the others shared."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    args, in_dims = [], []
-    for j, v in enumerate(vals):
-        # x, and captures that differ per member, and the random draws after them are stacked
-        c = j - n_x
-        stacked = isinstance(v, torch.Tensor) and (c < 0 or c >= len(shared) or not shared[c])
-        args.append(v.new_empty((n, *v.shape)) if stacked else v)
-        in_dims.append(0 if stacked else None)
-    batched = torch.func.vmap(vmappable(gm), in_dims=tuple(in_dims))
+    args = [v.new_empty((n, *v.shape)) if s else v for v, s in zip(vals, stacked)]
+    batched = torch.func.vmap(vmappable(gm), in_dims=tuple(0 if s else None for s in stacked))
 
-    def vjp(*xs):
-        outs, fn = torch.func.vjp(lambda *xs: batched(*xs, *args[n_x:]), *xs)
+    def vjp(*primals):
+        def f(*ps):
+            full = list(args)
+            for j, p in zip(diff, ps):
+                full[j] = p
+            return batched(*full)
+        outs, fn = torch.func.vjp(f, *primals)
         return fn(tuple(torch.ones_like(o) for o in outs))
 
-    traced = make_fx(vjp)(*args[:n_x])
+    traced = make_fx(vjp)(*[args[j] for j in diff])
     return collections.Counter(n.target for n in traced.graph.nodes if n.op == "call_function")
+
+
+def _looped_ops(gm: fx.GraphModule, count) -> Optional[str]:
+    """Count a batched computation at 2 and 3 members: the ops that grew were looped by vmap."""
+    two, three = count(2), count(3)
+    grown = [t for t in three if three[t] > two[t]]
+    ops = {n.target for n in gm.graph.nodes if isinstance(n.target, torch._ops.OpOverload)}
+    looped = sorted(str(t) for t in grown if t in ops) or sorted(str(t) for t in grown)
+    if looped:
+        return f"no batching rule for {', '.join(looped[:3])} (vmap would loop over the blocks)"
+    return None
 
 
 def _saved_op_counts(part, vals, shared, n: int, n_x: int):
@@ -82,29 +93,44 @@ def _saved_op_counts(part, vals, shared, n: int, n_x: int):
     return collections.Counter(n.target for n in traced.graph.nodes if n.op == "call_function")
 
 
+def _fake_mode(vals):
+    from torch._guards import detect_fake_mode
+    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+
 def batching_problem(group) -> Optional[str]:
     """Why this group's VJP cannot be one batched computation, or None if it can."""
-    from torch._guards import detect_fake_mode
-
     gm = group.template.gm
     vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-    fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    fake_mode = _fake_mode(vals)
     if fake_mode is None:
         return "no fake tensors to trace the batched VJP with"
     n_x, part = group.template.n_x, group.partition
+    # x, and captures that differ per member, and the random draws after them are stacked
+    stacked = [isinstance(v, torch.Tensor) and (j < n_x or j - n_x >= len(group.shared)
+                                                or not group.shared[j - n_x])
+               for j, v in enumerate(vals)]
     try:
         with fake_mode:
             if part is not None:
-                two = _saved_op_counts(part, vals, group.shared, 2, n_x)
-                three = _saved_op_counts(part, vals, group.shared, 3, n_x)
-            else:
-                two = _traced_op_counts(gm, vals, group.shared, 2, n_x)
-                three = _traced_op_counts(gm, vals, group.shared, 3, n_x)
+                return _looped_ops(gm, lambda n: _saved_op_counts(part, vals, group.shared,
+                                                                  n, n_x))
+            return _looped_ops(gm, lambda n: _traced_op_counts(gm, vals, stacked,
+                                                               range(n_x), n))
     except Exception as e:                          # noqa: BLE001 - becomes the report's reason
         return f"vmap failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    grown = [t for t in three if three[t] > two[t]]
-    ops = {n.target for n in gm.graph.nodes if isinstance(n.target, torch._ops.OpOverload)}
-    looped = sorted(str(t) for t in grown if t in ops) or sorted(str(t) for t in grown)
-    if looped:
-        return f"no batching rule for {', '.join(looped[:3])} (vmap would loop over the blocks)"
-    return None
+
+
+def capture_batching_problem(gm: fx.GraphModule, shared) -> Optional[str]:
+    """Why a capture function (analysis.captures) cannot be differentiated vmapped, or None."""
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    fake_mode = _fake_mode(vals)
+    if fake_mode is None:
+        return "no fake tensors to trace the batched VJP with"
+    diff = [j for j, v in enumerate(vals) if v.dtype.is_floating_point]
+    try:
+        with fake_mode:
+            return _looped_ops(gm, lambda n: _traced_op_counts(gm, vals, [not s for s in shared],
+                                                               diff, n))
+    except Exception as e:                          # noqa: BLE001
+        return f"vmap failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"

@@ -157,6 +157,7 @@ class Group:
     residual_shared: list[bool] = dataclasses.field(default_factory=list)  # same, for r's
     partition: object = None        # rewrite.partition.Partition: the saving fw / bw split
     recompute_reason: str = ""      # why the backward recomputes the forward (no partition)
+    capture: object = None          # analysis.captures.CaptureFn: members' private captures
 
     @property
     def size(self) -> int:

@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 
 from .blocks import Block, BlockError, extract_block
+from .captures import capture_fn
 from .groups import Group, Template, group_blocks, outline
 from .rules import HEAVY_OPS, GraphIndex, ResidualStep
 from .streams import Stream, find_streams
@@ -141,7 +142,10 @@ def plan_streams(graph: fx.Graph, min_length: int = 2):
                                   f"min_length={min_length}" + _why_short(blocks[-1], sources)))
                 continue
             templates = [outline(b) for b in blocks]
-            segments.append(Segment(sid, blocks, templates, group_blocks(blocks, templates),
+            groups = group_blocks(blocks, templates)
+            for g in groups:
+                g.capture = capture_fn(blocks, g, index)
+            segments.append(Segment(sid, blocks, templates, groups,
                                     " + ".join(dict.fromkeys(b.step.kind for b in blocks))))
             for b in blocks:
                 claimed.update(b.body)

@@ -40,6 +40,18 @@ def annotate(**tags):
 
 
 @dataclasses.dataclass
+class CaptureSpec:
+    """A batched group's capture function (analysis.captures): differentiated in the final VJP."""
+
+    fn: fx.GraphModule                  # (*leaves) -> (*values), one member's
+    leaf_caps: tuple[tuple[int, ...], ...]   # per member, its leaves as indices into caps
+    shared: tuple[bool, ...]            # per leaf: one value for all members
+    outputs: tuple[tuple, ...]          # per value: its ("cap" | "rcap", j) positions
+    fn_ops: int = 0                     # for the report
+    sources: tuple = ()                 # per leaf: (src cap index, dim, index per member) or None
+
+
+@dataclasses.dataclass
 class GroupSpec:
     """How the backward runs one group of identical blocks."""
 
@@ -55,6 +67,7 @@ class GroupSpec:
     n_random: int = 0                   # random draws per block (dropout masks), saved
     partition: Optional[Partition] = None        # saving fw / bw; None: recompute in backward
     draw: Optional[fx.GraphModule] = None        # (x, *caps) -> randoms, for a partitioned fw
+    capture: Optional[CaptureSpec] = None        # batched only
 
     def n_saved_per_block(self) -> int:
         """Tensors the forward saves per block: the partition's, and the zs that r reads."""
@@ -319,10 +332,13 @@ class _GroupVJP:
         return v, out_caps, out_rcaps
 
 
-def _accumulate_grads(vjp, per_fn, index, shared, diff, accumulate):
-    """Unstack one group's capture gradients into the per-capture sums."""
+def _accumulate_grads(vjp, per_fn, index, shared, diff, accumulate, skip=()):
+    """Unstack one group's capture gradients into the per-capture sums (not those in skip:
+    values of the capture function, whose gradients go on to its inputs)."""
     if vjp.group.batched:
         for j, gj in zip(diff, per_fn[0]):
+            if j in skip:
+                continue
             if shared[j]:                  # vmap's VJP already summed over members
                 accumulate(index[0][j], gj)
             else:
@@ -346,6 +362,44 @@ def _block_forward(group: GroupSpec, x: tuple, block_caps: list):
         cut = len(outs) - group.n_random
         return outs[:cut], list(outs[cut:]), []
     return group.template(*x, *block_caps), [], []
+
+
+def _capture_vjp(vjp, cs: CaptureSpec, cap_grads, rcap_grads, caps, needs_grad, accumulate):
+    """Gradients of the capture function's inputs from its values' stacked cotangents: one
+    VJP of the function vmapped over the members (a GRU's dW_ih as one matmul over T x B)."""
+    members = vjp.members
+    cots = []
+    for pos in cs.outputs:             # a value captured twice (block and r) sums both
+        parts = [grads[diff.index(j)] for kind, j in pos
+                 for diff, grads in ((vjp.diff, cap_grads) if kind == "cap"
+                                     else (vjp.rdiff, rcap_grads),) if j in diff]
+        cots.append(sum(parts[1:], parts[0]) if parts else None)
+    wanted = _wanted(cs.leaf_caps, caps, needs_grad)
+    if not wanted or all(c is None for c in cots):
+        return
+    leaves, dims = _stack_args(lambda l: cs.leaf_caps[members.index(l)], members, cs.shared,
+                               caps)
+    fn = torch.func.vmap(vmappable(cs.fn), in_dims=tuple(dims))
+    values, vjp_fn = _linearize(fn, [], leaves, wanted, 0)
+    cots = [torch.zeros_like(v) if c is None else c.to(v.dtype) for c, v in zip(cots, values)]
+    for i, g in zip(wanted, vjp_fn(tuple(cots))):
+        source = cs.sources[i] if cs.sources else None
+        if cs.shared[i]:                # vmap's VJP summed it over the members
+            accumulate(cs.leaf_caps[0][i], g)
+        elif source is not None and needs_grad[source[0]]:
+            accumulate(source[0], _scatter_rows(g, caps[source[0]], *source[1:]))
+        else:
+            for k, ix in enumerate(cs.leaf_caps):
+                accumulate(ix[i], g[k])
+
+
+def _scatter_rows(g: torch.Tensor, src: torch.Tensor, dim: int, index) -> torch.Tensor:
+    """The gradient of src from those of its slices src.select(dim, index[k]) stacked in g."""
+    g = g.movedim(0, dim)
+    if list(index) == list(range(src.shape[dim])):
+        return g                        # every slice, in order: the stack is the gradient
+    rows = torch.tensor(index, device=g.device)
+    return src.new_zeros(src.shape, dtype=g.dtype).index_add(dim, rows, g)
 
 
 class HighwayStream(torch.autograd.Function):
@@ -490,9 +544,17 @@ class HighwayStream(torch.autograd.Function):
             cot_y, cot_s = group_cotangents(G, vjp)
             _, per, rper = vjp(cot_y, cot_s, final=True, hbp_stream=spec.name,
                                hbp_round="final", hbp_group=gi)
-            _accumulate_grads(vjp, per, vjp.cap_index, vjp.shared, vjp.diff, accumulate)
+            cs = vjp.group.capture
+            skip = {kind: {j for pos in cs.outputs for k, j in pos if k == kind}
+                    for kind in ("cap", "rcap")} if cs is not None else {"cap": (), "rcap": ()}
+            _accumulate_grads(vjp, per, vjp.cap_index, vjp.shared, vjp.diff, accumulate,
+                              skip["cap"])
             if vjp.rdiff:
-                _accumulate_grads(vjp, rper, vjp.rcap_index, vjp.rshared, vjp.rdiff, accumulate)
+                _accumulate_grads(vjp, rper, vjp.rcap_index, vjp.rshared, vjp.rdiff, accumulate,
+                                  skip["rcap"])
+            if cs is not None:
+                with annotate(hbp_stream=spec.name, hbp_capture=gi):
+                    _capture_vjp(vjp, cs, per[0], rper[0], caps, needs_grad, accumulate)
         for i, need in enumerate(needs_grad):
             if not need:
                 cap_grads[i] = None

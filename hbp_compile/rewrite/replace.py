@@ -9,9 +9,9 @@ import torch.fx as fx
 from ..analysis.blocks import Block
 from ..analysis.groups import Group
 from .highway_rnn import RNNSpec, highway_rnn
-from .highway_stream import GroupSpec, HighwayStream, StreamSpec
+from .highway_stream import CaptureSpec, GroupSpec, HighwayStream, StreamSpec
 from .partition import draws_only
-from .scan import choose_scan
+from .scan import choose_matrix_scan, choose_scan
 
 aten = torch.ops.aten
 
@@ -48,6 +48,13 @@ def build_spec(name: str, blocks: list[Block], groups: list[Group], batched: lis
     for gi, (g, b) in enumerate(zip(groups, batched)):
         for l in g.members:
             block_group[l] = gi
+        capture = None
+        if b and g.capture is not None:
+            cf = g.capture
+            sources = tuple(None if src is None else (slots([src[0]])[0], *src[1:])
+                            for src in cf.sources)
+            capture = CaptureSpec(cf.gm, tuple(slots(leaves) for leaves in cf.leaves),
+                                  tuple(cf.shared), tuple(cf.outputs), cf.n_ops, sources)
         group_specs.append(GroupSpec(
             template=g.template.gm, members=tuple(g.members), shared=tuple(g.shared),
             batched=b, side_differentiable=tuple(blocks[g.members[0]].side_differentiable),
@@ -55,7 +62,8 @@ def build_spec(name: str, blocks: list[Block], groups: list[Group], batched: lis
             forward=g.template.forward, n_random=g.template.n_random,
             residual_shared=tuple(g.residual_shared), partition=g.partition,
             draw=draws_only(g.template.forward, g.template.n_random)
-            if g.partition is not None and g.template.n_random else None))
+            if g.partition is not None and g.template.n_random else None,
+            capture=capture))
     mutated = frozenset(i for i, c in enumerate(caps)
                         if any(u.target is aten.copy_.default and u.args[0] is c for u in c.users))
     spec = StreamSpec(name=name, length=len(blocks), block_group=tuple(block_group),
@@ -63,15 +71,16 @@ def build_spec(name: str, blocks: list[Block], groups: list[Group], batched: lis
                       groups=tuple(group_specs),
                       state_outputs=state_outputs(blocks), iters=iters, gamma=gamma,
                       mutated_caps=mutated,
-                      scan=_matrix_ok(choose_scan(len(blocks) + 1, device_type(blocks[0].x),
-                                                  scan), len(blocks[0].xs)),
+                      scan=_scan_form(len(blocks) + 1, device_type(blocks[0].x), scan,
+                                      len(blocks[0].xs)),
                       width=len(blocks[0].xs))
     return spec, caps
 
 
-def _matrix_ok(scan: str, width: int) -> str:
-    """Widened (m x m) states have no chunked scan: they take the doubling one."""
-    return "log-depth" if scan == "chunked" and width > 1 else scan
+def _scan_form(n: int, device: str, scan: str, width: int) -> str:
+    """The scan's form for n positions; widened (m x m) states have fewer forms."""
+    form = choose_scan(n, device, scan)
+    return form if width == 1 else choose_matrix_scan(n, form)
 
 
 def device_type(node: fx.Node) -> str:

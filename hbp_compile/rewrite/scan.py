@@ -3,7 +3,9 @@
 Written with plain torch ops so that AOTAutograd traces them and Inductor compiles them. Two
 forms of the diagonal scan: a sequential loop (n - 1 small fused multiply-adds, n - 1 dependent
 steps, the least arithmetic) and a Hillis-Steele doubling scan (log2(n) steps of O(n) work).
-`choose_scan` picks one by stream length, from thresholds measured by benchmarks/bench_scan.py.
+A third, "op", runs either of them as ONE opaque op (rnn_ops.reverse_linear_scan): the graph
+then holds one node whatever the length, and a CPU runs the recurrence in place. `choose_scan`
+picks one by stream length, from thresholds measured by benchmarks/bench_scan.py.
 """
 from __future__ import annotations
 
@@ -115,6 +117,12 @@ def reverse_scan(a: torch.Tensor, k, form: str) -> torch.Tensor:
     scalar = not isinstance(k, torch.Tensor)
     if scalar and k == 0.0:
         return a
+    if form == "op":
+        from .. import rnn_ops                      # noqa: F401 - registers torch.ops.hbp.*
+        k = a.new_full((1,) * a.dim(), k) if scalar else k.to(a.dtype)
+        # the op's own form, for where it does not run the recurrence in place (a GPU)
+        return torch.ops.hbp.reverse_linear_scan(a, k.expand(a.shape[0] - 1, *a.shape[1:]),
+                                                 "log-depth")
     if form == "sequential":
         return reverse_linear_scan_sequential(a, k)
     if form == "chunked":
@@ -126,23 +134,32 @@ def reverse_scan(a: torch.Tensor, k, form: str) -> torch.Tensor:
 # CPU, measured by benchmarks/bench_scan.py (results/bench_scan_cpu.json, Inductor, (32, 64)
 # per position, 1 thread): the loop's n - 1 fused multiply-adds beat doubling's n log2(n) work
 # at every length (1.4 vs 12.3 ms at n = 256), but its unrolled graph compiles ever longer
-# (6 s at 64, 17 s at 128, 42 s at 256, vs about 3 s for doubling), so "auto" switches at 128;
-# long training runs may prefer scan="sequential". CUDA: not measured yet (no GPU so far);
+# (6 s at 64, 17 s at 128, 42 s at 256, vs about 3 s for doubling). Past 32 positions "auto"
+# takes the opaque op: the same recurrence, in place, with a graph of one node (a GRU loop's
+# backward compile then no longer grows with T). CUDA: not measured yet (no GPU so far);
 # doubling's log2(n) steps are assumed to win from short lengths on, as in the paper.
-SEQUENTIAL_MAX = {"cpu": 128, "cuda": 8}
+SEQUENTIAL_MAX = {"cpu": 32, "cuda": 8}
 
 
 def choose_scan(n: int, device_type: str, scan: str = "auto") -> str:
-    """"sequential", "chunked" or "log-depth" for a scan over n positions on this device type.
+    """"sequential", "op" or "log-depth" for a diagonal scan over n positions on this device.
 
-    On a CPU, past SEQUENTIAL_MAX the chunked scan: O(n) work like the loop and a graph of
-    O(sqrt(n)) steps (the doubling scan's n log2(n) work cost a 257-step GRU 26 ms of a 36 ms
-    backward, profiled); on a GPU the doubling scan's log2(n) depth."""
+    On a CPU, past SEQUENTIAL_MAX the opaque op (the chunked scan, O(sqrt(n)) graph steps, is
+    still there by name; the doubling scan's n log2(n) work cost a 257-step GRU 26 ms of a
+    36 ms backward, profiled); on a GPU the doubling scan's log2(n) depth."""
     if scan != "auto":
         return scan
     if n <= SEQUENTIAL_MAX.get(device_type, 8):
         return "sequential"
-    return "chunked" if device_type == "cpu" else "log-depth"
+    return "op" if device_type == "cpu" else "log-depth"
+
+
+def choose_matrix_scan(n: int, scan: str) -> str:
+    """"sequential" or "log-depth" for a widened (m x m) scan: neither the chunked scan nor
+    the opaque op has that form; a CPU keeps the loop up to 128 positions (compile time)."""
+    if scan in ("sequential", "log-depth"):
+        return scan
+    return "sequential" if scan == "op" and n <= 128 else "log-depth"
 
 
 # Widened states (an LSTM's (c, h)): m components per position and an m x m Jacobian per
