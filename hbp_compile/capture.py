@@ -9,7 +9,9 @@ from __future__ import annotations
 import operator
 
 import torch
+from torch._prims_common import compute_elementwise_output_logical_to_physical_perm
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.experimental.proxy_tensor import make_fx
 
 
@@ -63,13 +65,24 @@ def _functional_batch_norm(input, weight, bias, running_mean, running_var, train
 
 
 def _native_dropout(input, p, train):
-    """native_dropout (the fused kernel CUDA's F.dropout calls) as a bernoulli draw and a mul.
+    """native_dropout as a bernoulli draw and a mul, bit for bit what ATen's CPU kernel does:
+    mask = empty_like(input).bernoulli_(1 - p) (drawn even at p = 0), out = input * mask *
+    (1 / (1 - p)).
 
-    The draw is then an op of its own, which a block can save for its backward."""
-    if train is False or p == 0:
+    The draw is then an op of its own, which a block can save. In-place bernoulli_ fills the
+    mask in its memory order, which empty_like takes from the input's strides (a transposed
+    attention output); the functional bernoulli.p fills a contiguous tensor. So the draw runs
+    on the mask's dims in memory order and is permuted back: the same numbers land on the same
+    elements as in an exact compile (a contiguous draw put them elsewhere, and a seeded run
+    under hbp differed from the exact one)."""
+    if train is False:
         return input.clone(), torch.ones_like(input, dtype=torch.bool)
-    noise = torch.ops.aten.bernoulli.p(torch.empty_like(input), 1 - p)   # functional: the
-    return input * (noise / (1 - p)), noise.to(torch.bool)              # table runs unfunctionalized
+    p1m = 1.0 - p
+    scale = 0.0 if p1m == 0 else 1.0 / p1m
+    perm, _ = compute_elementwise_output_logical_to_physical_perm(input)
+    physical = torch.ops.aten.bernoulli.p(input.new_empty([input.shape[d] for d in perm]), p1m)
+    noise = physical.permute([perm.index(d) for d in range(input.dim())])
+    return input * noise * scale, noise.to(torch.bool)      # the table runs unfunctionalized
 
 
 def _capture_decompositions():
@@ -80,10 +93,18 @@ def _capture_decompositions():
     plus a copy_ into each buffer: the analysis sees block side outputs instead of
     a hidden side effect, and the kernel (so the forward's numbers) stays the one an exact
     compile runs. native_dropout draws its mask inside the op; written out, the draw is a
-    node a block can save.
+    node a block can save. dropout goes the way AOTAutograd takes it, through native_dropout.
     """
     return {torch.ops.aten.native_batch_norm.default: _functional_batch_norm,
-            torch.ops.aten.native_dropout.default: _native_dropout}
+            torch.ops.aten.native_dropout.default: _native_dropout,
+            torch.ops.aten.dropout.default: _dropout}
+
+
+def _dropout(input, p, train):
+    """F.dropout as AOTAutograd traces it (torch._decomp: native_dropout when it drops), and so as
+    an exact compile runs it. Left to ATen's CPU composite, it became bernoulli_ on a strided
+    empty_like, which functionalization turns into a contiguous draw: other mask positions."""
+    return _native_dropout(input, p, train)[0] if train and p != 0 else input.clone()
 
 
 def _functionalized(gm: fx.GraphModule):
@@ -120,14 +141,20 @@ def functional_aten_graph(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     with fake_mode:
         fakes = [_fakify(fake_mode, t) for t in example_inputs]
-        fakes = [f.detach() if isinstance(f, torch.Tensor) else f for f in fakes]
+        # Leaves that require grad keep it: composites decompose by it (matmul folds a 3-d
+        # input into one mm only when no gradient needs it), as in the exact compile's trace.
+        fakes = [f.detach().requires_grad_(t.requires_grad and f.dtype.is_floating_point)
+                 if isinstance(f, torch.Tensor) else f for f, t in zip(fakes, example_inputs)]
     # With dynamic shapes, Python floats (LayerNorm eps, a scale) become 0-d tensor inputs read
     # by .item(); Dynamo's fake carries the SymFloat in item_memo and a fresh fake lacks it.
     for fake, node in zip(fakes, placeholders):
         ev = node.meta.get("example_value")
         if isinstance(fake, torch.Tensor) and getattr(ev, "item_memo", None) is not None:
             fake.item_memo = ev.item_memo
-    with fake_mode, torch.no_grad(), torch.fx.traceback.preserve_node_meta():
+    # The Python dispatcher, as in AOTAutograd: composite ops (F.dropout) then decompose the way
+    # the exact compile's trace does, not through ATen's C++ composites.
+    with fake_mode, torch.enable_grad(), torch.fx.traceback.preserve_node_meta(), \
+            enable_python_dispatcher():
         agm = make_fx(_functionalized(gm), decomposition_table=_capture_decompositions())(*fakes)
     _rederive_rrelu(agm.graph)
     # Multi-output ops leave unused getitems behind; they would break the block closure check.

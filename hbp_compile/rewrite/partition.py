@@ -239,22 +239,35 @@ _LIKE_OPS = {aten.empty_like.default, aten.zeros_like.default, aten.ones_like.de
 def draws_only(forward: fx.GraphModule, n_random: int) -> fx.GraphModule:
     """A block's drawing form (x, *caps) -> (..., *randoms) cut down to its random draws.
 
-    A draw reads only the shape of a block value (bernoulli(empty_like(h))): that value is
-    replaced by an empty tensor of its (static) shape, so computing it is dead code."""
+    A draw reads only the layout of a block value (bernoulli(empty_like(h))): that value is
+    replaced by an empty tensor of its (static) shape and strides, so computing it is dead
+    code. The strides matter: empty_like keeps them, and a kernel that fills memory in order
+    would put the same numbers elsewhere. The empty tensor is aten.empty (permuted to the
+    strides), which AOTAutograd's CSE leaves alone: two equal empty_strided nodes merge, and
+    then so do the draws CSE does not know as random (randn_like: every block got one mask)."""
     graph = fx.Graph()
     outs = graph.graph_copy(forward.graph, {})
     graph.output(tuple(outs[len(outs) - n_random:]))
     for n in list(graph.nodes):
         src = n.args[0] if n.target in _LIKE_OPS else None
         if isinstance(src, fx.Node) and src.op != "placeholder":
-            val = src.meta["val"]
             with graph.inserting_before(n):
-                empty = graph.call_function(aten.empty.memory_format, (list(val.shape),),
-                                            {"dtype": val.dtype, "device": val.device})
-            empty.meta["val"] = val
-            n.replace_input_with(src, empty)
+                n.replace_input_with(src, _empty_like_layout(graph, src.meta["val"]))
     graph.eliminate_dead_code()
     return fx.GraphModule({}, graph)
+
+
+def _empty_like_layout(graph: fx.Graph, val: torch.Tensor) -> fx.Node:
+    """aten.empty of val's shape in val's dim order: an uninitialised tensor with its strides."""
+    from torch._prims_common import compute_elementwise_output_logical_to_physical_perm
+
+    perm, _ = compute_elementwise_output_logical_to_physical_perm(val)
+    empty = graph.call_function(aten.empty.memory_format, ([val.shape[d] for d in perm],),
+                                {"dtype": val.dtype, "device": val.device})
+    empty.meta["val"] = val.new_empty([val.shape[d] for d in perm])
+    out = graph.call_function(aten.permute.default, (empty, [perm.index(d) for d in range(val.dim())]))
+    out.meta["val"] = val
+    return out
 
 
 def partition_group(group, side_differentiable: list[bool], fold: bool = True) -> Optional[Partition]:
