@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from .blocks import Block
+from .rules import POST_LN
 
 aten = torch.ops.aten
 
@@ -51,6 +52,7 @@ class Template:
     forward: Optional[fx.GraphModule] = None
     n_random: int = 0
     n_x: int = 1                        # components of x_l (2 for an LSTM's (c, h))
+    residual_forward: Optional[fx.GraphModule] = None  # r as the forward computes it (post-LN)
 
 
 def _copy_body(block: Block, draw: bool) -> fx.GraphModule:
@@ -91,14 +93,14 @@ def outline(block: Block) -> Template:
     outputs = list(block.zs) + block.side_outputs
     key.append(("out", tuple(local[o] for o in outputs), tuple(block.side_differentiable),
                 tuple(local[r] for r in block.randoms)))
-    residual = None
+    residual = residual_forward = None
     if not block.step.identity:
-        residual, rkey = _outline_residual(block)
+        residual, residual_forward, rkey = _outline_residual(block)
         key.append(("residual", rkey))
     signature = hashlib.sha1(repr(key).encode()).hexdigest()[:12]
     return Template(_copy_body(block, draw=False), signature, _summary(block), len(block.zs),
                     residual, _copy_body(block, draw=True) if block.randoms else None,
-                    len(block.randoms), len(block.xs))
+                    len(block.randoms), len(block.xs), residual_forward)
 
 
 def _x_names(block: Block) -> list[str]:
@@ -106,7 +108,8 @@ def _x_names(block: Block) -> list[str]:
 
 
 def _outline_residual(block: Block):
-    """r as a graph (x, *zs, *residual_caps) -> x_{l+1}, and its structural key."""
+    """r as a graph (x, *zs, *residual_caps) -> x_{l+1}, its forward form (None: r itself), and
+    its structural key."""
     step = block.step
     graph = fx.Graph()
     inputs = [*step.states, *step.zs, *step.residual_caps]
@@ -126,7 +129,31 @@ def _outline_residual(block: Block):
         key.append((str(node.target), repr(args), _meta_key(node, strides=False)))
     # one tensor x_{l+1}, or a tuple for a widened state
     graph.output(env[step.node] if not step.extra_outputs else tuple(env[o] for o in step.outputs))
-    return fx.GraphModule(torch.nn.Module(), graph), key
+    forward = None
+    if POST_LN in step.node.meta:
+        forward = _post_ln_forward(graph, step, env)
+        key.append(("post-LN forward", repr(step.node.meta[POST_LN][0]), step.node.meta[POST_LN][3]))
+    return fx.GraphModule(torch.nn.Module(), graph), forward, key
+
+
+def _post_ln_forward(graph: fx.Graph, step, env: dict) -> fx.GraphModule:
+    """A split post-LN step's forward as the exact compile runs it: native_layer_norm(x + z)
+    (x + z is r's add that reads x); the split algebra rounds differently and is the backward's."""
+    shape, w, b, eps = step.node.meta[POST_LN]
+    fwd = fx.Graph()
+    fenv = {}
+    for ph in graph.nodes:
+        if ph.op == "placeholder":
+            fenv[ph] = fwd.placeholder(ph.name)
+            fenv[ph].meta["val"] = ph.meta.get("val")
+    add = next(n for n in step.residual
+               if n.target is aten.add.Tensor and n.args[0] is step.stream)
+    u = fwd.node_copy(env[add], fenv.__getitem__)
+    ln = fwd.call_function(aten.native_layer_norm.default,
+                           (u, shape, fenv[env[w]] if w is not None else None,
+                            fenv[env[b]] if b is not None else None, eps))
+    fwd.output(fwd.call_function(operator.getitem, (ln, 0)))
+    return fx.GraphModule(torch.nn.Module(), fwd)
 
 
 def _summary(block: Block) -> str:

@@ -7,7 +7,9 @@ function as it stands. The paper moves the statistics into the block:
     x_{l+1}  = (x + z - mu) * rstd * w + b          r(x, z, mu, rstd): K_l = diag(w * rstd)
 
 Exact backprop is unchanged (the total derivative is the same), and the pointwise rule then
-finds the step. Norms that end up in no stream are put back as native_layer_norm, so an exact
+finds the step. Only the backward uses this algebra: a stream's forward computes x_{l+1} with
+native_layer_norm(x + z) as the exact compile does (groups.py: the residual's forward form),
+so the forward's numbers stay the exact compile's to the bit. Norms that end up in no stream are put back as native_layer_norm, so an exact
 region of the graph runs the kernel it always ran.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .rules import KIND, NOT_A_STEP, GraphIndex, identity_residual, tensor_meta
+from .rules import KIND, NOT_A_STEP, POST_LN, GraphIndex, identity_residual, tensor_meta
 
 aten = torch.ops.aten
 
@@ -100,6 +102,7 @@ def split_post_norms(graph: fx.Graph) -> list[PostNorm]:
                 out = _emit(graph, ln, aten.add.Tensor, out, b)
         out.meta.pop(NOT_A_STEP)
         out.meta[KIND] = "post-LN"
+        out.meta[POST_LN] = (shape, w, b, eps)          # the forward runs the norm itself
         u.meta[NOT_A_STEP] = True                       # feeds the statistics only now
         old_out.replace_all_uses_with(out)
         replaced[old_out] = out

@@ -18,6 +18,7 @@ aten = torch.ops.aten
 # node.meta keys set by graph rewrites that prepare steps for the rules (post_norm.py)
 NOT_A_STEP = "hbp_not_a_step"        # an add that only looks like x + z (a norm's statistics)
 KIND = "hbp_residual_kind"           # the residual kind to report for a step's output node
+POST_LN = "hbp_post_ln"              # on a split post-LN step's output: (shape, weight, bias, eps)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,6 +68,7 @@ class GroupSpec:
     partition: Optional[Partition] = None        # saving fw / bw; None: recompute in backward
     draw: Optional[fx.GraphModule] = None        # (x, *caps) -> randoms, for a partitioned fw
     capture: Optional[CaptureSpec] = None        # batched only
+    residual_forward: Optional[fx.GraphModule] = None  # r as the forward runs it (post-LN)
 
     def n_saved_per_block(self) -> int:
         """Tensors the forward saves per block: the partition's, and the zs that r reads."""
@@ -419,7 +420,8 @@ class HighwayStream(torch.autograd.Function):
             if group.residual is None:
                 x = (x[0] + zs[0],)                              # identity residual function
             else:
-                y = group.residual(*x, *zs, *[caps[i] for i in spec.rcaps_of(l)])
+                r = group.residual_forward or group.residual
+                y = r(*x, *zs, *[caps[i] for i in spec.rcaps_of(l)])
                 x = (y,) if m == 1 else tuple(y)
                 if group.partition is not None:
                     kept = [*kept, *zs]                          # r's VJP reads them

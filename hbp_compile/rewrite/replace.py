@@ -63,7 +63,7 @@ def build_spec(name: str, blocks: list[Block], groups: list[Group], batched: lis
             residual_shared=tuple(g.residual_shared), partition=g.partition,
             draw=draws_only(g.template.forward, g.template.n_random)
             if g.partition is not None and g.template.n_random else None,
-            capture=capture))
+            capture=capture, residual_forward=g.template.residual_forward))
     mutated = frozenset(i for i, c in enumerate(caps)
                         if any(u.target is aten.copy_.default and u.args[0] is c for u in c.users))
     spec = StreamSpec(name=name, length=len(blocks), block_group=tuple(block_group),
