@@ -21,8 +21,8 @@ __all__ = ["hbp_backend", "HBPBackend", "HBPConfig", "HBPError", "GraphReport", 
 def hbp_backend(iters: int = 3, *, gamma: float = 0.0, codegen: str = "inductor",
                 strict: bool = False, dump_dir=None, **options) -> HBPBackend:
     """A torch.compile backend that replaces the backward of residual streams by Highway-BP."""
-    return HBPBackend(HBPConfig(iters=iters, gamma=gamma, codegen=codegen, strict=strict,
-                                dump_dir=dump_dir, **options))
+    return HBPBackend(HBPConfig.from_options(dict(iters=iters, gamma=gamma, codegen=codegen,
+                                                  strict=strict, dump_dir=dump_dir, **options)))
 
 
 _string_backends: dict[HBPConfig, HBPBackend] = {}
@@ -34,12 +34,26 @@ def dynamo_backend(gm, example_inputs, options: dict | None = None, mode=None):
     options = dict(options or {})
     if mode is not None:
         options.setdefault("mode", mode)
-    config = HBPConfig(**options)
+    try:
+        config = HBPConfig.from_options(options)
+    except ValueError as e:             # as itself, not as Dynamo's BackendCompilerFailed
+        raise _option_error(str(e)) from None
     backend = _string_backends.setdefault(config, HBPBackend(config))
     return backend(gm, example_inputs)
 
 
+def _option_error(message: str) -> ValueError:
+    """A ValueError that Dynamo passes on to the caller unwrapped (a ShortenTraceback)."""
+    from torch._dynamo.exc import ShortenTraceback
+
+    class HBPOptionError(ShortenTraceback, ValueError):
+        def __init__(self, message):
+            super().__init__(message, first_useful_frame=None)
+
+    return HBPOptionError(message)
+
+
 def string_backend(**options) -> HBPBackend:
     """The backend instance that `backend="hbp"` uses for these options (to read its reports)."""
-    config = HBPConfig(**options)
+    config = HBPConfig.from_options(options)
     return _string_backends.setdefault(config, HBPBackend(config))

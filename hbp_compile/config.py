@@ -57,7 +57,23 @@ class HBPConfig:
         if not isinstance(opts, tuple) or not all(isinstance(k, str) for k, _ in opts):
             raise ValueError("hbp_backend: inductor_options must be a dict of Inductor config "
                              f"names to values, got {self.inductor_options!r}")
+        from torch._inductor import config as inductor_config
+        known = inductor_config.get_config_copy()
+        bad = [k for k, _ in opts if k not in known]
+        if bad:
+            raise ValueError(f"hbp_backend: inductor_options: {bad[0]!r} is no Inductor config "
+                             f"option (torch._inductor.config)")
         object.__setattr__(self, "inductor_options", opts)
+
+    @classmethod
+    def from_options(cls, options: dict) -> "HBPConfig":
+        """The config of `options` (name -> value); an unknown name is a ValueError naming it."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in options if k not in names]
+        if unknown:
+            raise ValueError(f"hbp_backend: unknown option {unknown[0]!r}; the options are "
+                             f"{', '.join(names)}")
+        return cls(**options)
 
     def inductor_patches(self) -> dict:
         """Inductor config patches for `mode` (as torch.compile sets them) and the options."""
