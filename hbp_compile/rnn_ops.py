@@ -120,3 +120,16 @@ def reverse_linear_scan(a: Tensor, k: Tensor, form: str, v: Optional[Tensor] = N
 @reverse_linear_scan.register_fake
 def _(a, k, form, v=None):
     return torch.empty_like(a, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("hbp::stack", mutates_args=())
+def stack(tensors: list[Tensor]) -> Tensor:
+    """torch.stack as ONE opaque op. Inductor lowers a stack of n tensors to n copy kernels,
+    generated and compiled one by one: stacking 256 per-step tensors in the backward of a cell
+    loop made its compile time grow with T. Called with its own output, it copies once."""
+    return torch.stack(tensors)
+
+
+@stack.register_fake
+def _(tensors):
+    return tensors[0].new_empty((len(tensors), *tensors[0].shape))

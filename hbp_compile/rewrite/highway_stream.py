@@ -108,6 +108,20 @@ class StreamSpec:
                 for i, d in enumerate(self.groups[self.block_group[l]].side_differentiable)]
 
 
+# Past this many tensors a stack is one opaque op (rnn_ops.stack: Inductor would emit one copy
+# kernel per tensor, and the backward's compile time would grow with the stream's length).
+OPAQUE_STACK = 32
+
+
+def stack(tensors) -> torch.Tensor:
+    """torch.stack along a new dim 0, as one op when there are many tensors."""
+    tensors = list(tensors)
+    if len(tensors) > OPAQUE_STACK:
+        from .. import rnn_ops                      # noqa: F401 - registers torch.ops.hbp.*
+        return torch.ops.hbp.stack(tensors)
+    return torch.stack(tensors)
+
+
 def _rows(t: torch.Tensor, idx) -> torch.Tensor:
     """t[idx] along dim 0: a strided slice for arithmetic progressions, a stack otherwise."""
     idx = list(idx)
@@ -116,7 +130,7 @@ def _rows(t: torch.Tensor, idx) -> torch.Tensor:
     step = idx[1] - idx[0]
     if step > 0 and all(b - a == step for a, b in zip(idx, idx[1:])):
         return t[idx[0]: idx[-1] + 1: step]
-    return torch.stack([t[i] for i in idx])
+    return stack([t[i] for i in idx])
 
 
 def _blocks_to_stream(parts, length: int, fill: torch.Tensor) -> torch.Tensor:
@@ -127,7 +141,7 @@ def _blocks_to_stream(parts, length: int, fill: torch.Tensor) -> torch.Tensor:
     for members, t in parts:
         for i, l in enumerate(members):
             rows[l] = t[i]
-    return torch.stack([fill if r is None else r for r in rows])
+    return stack([fill if r is None else r for r in rows])
 
 
 def _stack_args(values_of, members, shared, caps):
@@ -136,7 +150,7 @@ def _stack_args(values_of, members, shared, caps):
     args, dims = [], []
     for j, i in enumerate(first):
         one = (shared[j] if j < len(shared) else False) or not isinstance(caps[i], torch.Tensor)
-        args.append(caps[i] if one else torch.stack([caps[values_of(l)[j]] for l in members]))
+        args.append(caps[i] if one else stack([caps[values_of(l)[j]] for l in members]))
         dims.append(None if one else 0)
     return args, dims
 
@@ -230,9 +244,9 @@ class _GroupVJP:
         members, n = self.members, len(self.members)
         full, dims = _stack_args(lambda l: spec.block_caps[l], members, g.shared, caps)
         self.shared = [d is None for d in dims]
-        args = [torch.stack([xs[l][j] for l in members]) for j in range(m)] + full
-        args += [torch.stack([randoms[l][j] for l in members]) for j in range(g.n_random)]
-        args += [torch.stack([saved[l][j] for l in members]) for j in range(n_act)]
+        args = [stack([xs[l][j] for l in members]) for j in range(m)] + full
+        args += [stack([randoms[l][j] for l in members]) for j in range(g.n_random)]
+        args += [stack([saved[l][j] for l in members]) for j in range(n_act)]
         flags = [True] * m + [d is not None for d in dims] + [True] * (g.n_random + n_act)
         self.X = args[:m]
 
@@ -252,7 +266,7 @@ class _GroupVJP:
             res = run(P.bw_params, cots, m)
             return tuple(res[i - m] for i in cap_grads)
         self.fns, self.pfns = [fn], [pfn]
-        return [torch.stack([saved[l][n_act + j] for l in members]) for j in range(g.n_z)] \
+        return [stack([saved[l][n_act + j] for l in members]) for j in range(g.n_z)] \
             if g.residual is not None else [None] * g.n_z
 
     def _recomputed(self, spec, xs, caps, randoms):
@@ -265,11 +279,11 @@ class _GroupVJP:
         if g.batched:
             full, dims = _stack_args(lambda l: spec.block_caps[l], self.members, g.shared, caps)
             for j in range(g.n_random):          # each member's own draws, stacked
-                full.append(torch.stack([randoms[l][j] for l in self.members]))
+                full.append(stack([randoms[l][j] for l in self.members]))
                 dims.append(0)
             self.shared = [d is None for d in dims]
             block = torch.func.vmap(vmappable(g.template), in_dims=(*[0] * m, *dims))
-            self.X = [torch.stack([xs[l][j] for l in self.members]) for j in range(m)]
+            self.X = [stack([xs[l][j] for l in self.members]) for j in range(m)]
             outs, fn = _linearize(lambda *a: select(block(*a)), self.X, full, self.diff, m)
             self.fns = [fn]
             self.pfns = [lambda cots: fn(cots)[m:]]
@@ -300,7 +314,7 @@ class _GroupVJP:
             y, rfn = _linearize(g.residual, xs[l], [*zs[i], *[caps[c] for c in rc]], diff, m)
             self.rfns.append(rfn)
             Ks.append(_k_of(rfn, y, m, dim=0))
-        self.K = torch.stack(Ks)
+        self.K = stack(Ks)
 
     def __call__(self, cot_y: torch.Tensor, cot_sides: list[torch.Tensor], final=False, **tags):
         """VJPs of every member at the stacked stream cotangents g_{l+1} (n, ...).
@@ -329,7 +343,7 @@ class _GroupVJP:
                 continue
             out_x.append(res[0] if m == 1 else torch.stack(res[:m], 1 if batched else 0))
             out_caps.append(res[m:])
-        v = None if final else out_x[0] if batched else torch.stack(out_x)
+        v = None if final else out_x[0] if batched else stack(out_x)
         return v, out_caps, out_rcaps
 
 
@@ -476,7 +490,7 @@ class HighwayStream(torch.autograd.Function):
         e_last = component_rows(inject[L])
 
         def injections():
-            return torch.stack([component_rows(e) for e in inject])        # (L+1, [m,] *x)
+            return stack([component_rows(e) for e in inject])        # (L+1, [m,] *x)
         E = None if only_last else injections()
 
         # side-output cotangents, per group, stacked over members
@@ -491,7 +505,7 @@ class HighwayStream(torch.autograd.Function):
         def group_cotangents(G, vjp):
             cot_y = _rows(G, [l + 1 for l in vjp.members])
             n_sides = len(vjp.out_diff) - vjp.group.n_z
-            cot_s = [torch.stack([side_cot[l][i] for l in vjp.members]) for i in range(n_sides)]
+            cot_s = [stack([side_cot[l][i] for l in vjp.members]) for i in range(n_sides)]
             return cot_y, cot_s
 
         decay = 1.0 - spec.gamma
