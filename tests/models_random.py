@@ -9,6 +9,9 @@ A spec is a list of steps; each step has
   frozen the body's first weight does not require grad
   tap    a second head reads x_{l+1} (a gradient injected mid-stream)
   side   the body reads the side input c as well as x
+  after  None, or what follows the step: "view" (x through a reshape and back), "proj" (a
+         Linear d -> d: the chain is split there), "fork" (a side branch x + f(x) feeding the
+         loss off the stream)
 The state is (B, T, d); the head reads the last state through an integer buffer (a position
 permutation). Same contract as models_general.py: forward(x, c) -> loss, stream_view(x, c).
 """
@@ -34,6 +37,10 @@ class StepSpec:
     frozen: bool = False
     tap: bool = False
     side: bool = False
+    after: Optional[str] = None
+
+
+AFTERS = (None, "view", "proj", "fork")
 
 
 class Body(nn.Module):
@@ -76,6 +83,19 @@ class Step(nn.Module):
                 self.norm.bias.add_(0.1 * torch.randn(d))
         if spec.tap:
             self.tap = nn.Linear(d, 1)
+        if spec.after in ("proj", "fork"):
+            self.after = nn.Linear(d, d)
+
+    def transition(self, x):
+        """What follows the step on the stream (view, projection) or beside it (fork)."""
+        if self.spec.after == "view":
+            B, T, d = x.shape
+            return x.reshape(B, T * d).reshape(B, T, d), None
+        if self.spec.after == "proj":
+            return self.after(x), None
+        if self.spec.after == "fork":
+            return x, x + torch.tanh(self.after(x))
+        return x, None
 
     def zs(self, x, c):
         """The block: everything that depends on x but r."""
@@ -130,20 +150,30 @@ class RandomResidualNet(nn.Module):
         self.head = nn.Linear(d, 1)
         self.register_buffer("order", torch.randperm(T))    # an integer buffer
 
-    def _loss(self, states, final_norm=None):
-        """Head on the last state (positions permuted by the int buffer), taps on the others."""
-        last = states[-1] if final_norm is None else final_norm(states[-1])
+    def _loss(self, last, outputs, forks):
+        """Head on the last state (positions permuted by the int buffer), taps on the steps'
+        outputs, and the side branches."""
         loss = self.head(last.index_select(1, self.order)).pow(2).mean()
-        for step, x in zip(self.steps, states[1:]):
+        for step, y in zip(self.steps, outputs):
             if step.spec.tap:
-                loss = loss + 0.3 * step.tap(x).pow(2).mean()
+                loss = loss + 0.3 * step.tap(y).pow(2).mean()
+        for f in forks:
+            loss = loss + 0.2 * f.pow(2).mean()
         return loss
 
     def forward(self, x, c):
-        states = [x]
+        outputs, forks = [], []
         for step in self.steps:
-            states.append(step(states[-1], c))
-        return self._loss(states)
+            y = step(x, c)
+            outputs.append(y)
+            x, fork = step.transition(y)
+            if fork is not None:
+                forks.append(fork)
+        return self._loss(x, outputs, forks)
+
+    def plain(self) -> bool:
+        """No view or projection between steps: one stream, and the oracle's view applies."""
+        return all(s.spec.after in (None, "fork") for s in self.steps)
 
     def lone_final_norm(self) -> bool:
         """A last post-LN step whose neighbour is no post-LN step reads as x + z followed by
@@ -152,17 +182,21 @@ class RandomResidualNet(nn.Module):
         return kinds[-1] == "postln" and (len(kinds) == 1 or kinds[-2] != "postln")
 
     def stream_view(self, x, c):
+        """One stream (plain() models): steps in the pass's algebra, the rest in the head."""
         steps = [(lambda h, s=s: s.zs(h, c), s.residual) for s in self.steps]
-        if not self.lone_final_norm():
-            return [(x, steps)], lambda states: self._loss(states[0])
         last = self.steps[-1]
-        steps[-1] = (lambda h: (last.body(h + c if last.spec.side else h),), lambda h, z: h + z)
+        lone = self.lone_final_norm()
+        if lone:
+            steps[-1] = (lambda h: (last.body(h + c if last.spec.side else h),),
+                         lambda h, z: h + z)
 
         def head(states):
-            if last.spec.tap:            # the tap reads the normed state, as in forward
-                states = [*states[0][:-1], last.norm(states[0][-1])]
-                return self._loss(states)
-            return self._loss(states[0], last.norm)
+            outputs = list(states[0][1:])
+            if lone:
+                outputs[-1] = last.norm(outputs[-1])
+            forks = [s.transition(y)[1] for s, y in zip(self.steps, outputs)
+                     if s.spec.after == "fork"]
+            return self._loss(outputs[-1], outputs, forks)
         return [(x, steps)], head
 
     def example_inputs(self, batch_size=2):
