@@ -90,6 +90,33 @@ def test_in_place_residual_add():
     check_exact(InPlaceMLP(n_blocks=L).double(), lambda m: m(x).backward())
 
 
+class InPlaceStreamMLP(ResMLP):
+    """`x += block(x)`: the stream itself updated in place (the block reads x first)."""
+
+    def forward(self, x):
+        x = x.clone()
+        for blk in self.blocks:
+            x += blk(x)
+        return self._loss(x)
+
+
+def test_in_place_update_of_the_stream():
+    """Eager autograd rejects `x += block(x)` at backward (the block saved x), aot_eager at
+    compile; the pass differentiates the program it means, x_{l+1} = x_l + block(x_l): the
+    gradients of the out-of-place model, at k >= L and at k < L."""
+    torch.manual_seed(0)
+    model, x = InPlaceStreamMLP(n_blocks=L).double(), x64()
+    with pytest.raises(Exception, match="modified by an inplace operation"):
+        run(model, "aot_eager", lambda m: m(x).backward())
+    for k in (L, 1):
+        backend = hbp_backend(iters=k, codegen="eager")
+        got, _ = run(model, backend, lambda m: m(x).backward())
+        assert [s.length for s in backend.reports[0].streams] == [L]
+        _, want = oracle(model, (x,), k)           # the out-of-place stream_view
+        want = {n: g for n, g in want.items() if not n.startswith("input")}
+        assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+
+
 def test_input_that_requires_grad_non_contiguous():
     x = torch.randn(16, 4, dtype=torch.float64).t().requires_grad_()     # (4, 16), strided
     model = mlp()

@@ -70,16 +70,16 @@ def test_transformer_encoder_dropout_with_inductor_and_fallback_random():
     user for both compiles) the hbp loss is exact Inductor's to 1e-12."""
     import torch._inductor.config as inductor_config
 
-    model = encoder(norm_first=True, layers=2)
-    x = torch.randn(2, 4, 16, dtype=torch.float64)
+    model = encoder(norm_first=True)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
     with inductor_config.patch(fallback_random=True):
-        want = seeded_steps(model, x, "inductor", seeds=(3,))
-        backend = hbp_backend(iters=4, codegen="inductor")
-        got = seeded_steps(model, x, backend, seeds=(3,))
-    assert backend.reports[0].streams[0].length == 4
-    (gl, gg), (wl, wg) = got[0], want[0]
-    assert abs(gl.item() - wl.item()) <= 1e-12 * abs(wl.item())
-    assert max_rel_err(gg, wg) < 1e-9, worst_param(gg, wg)
+        want = seeded_steps(model, x, "inductor")
+        backend = hbp_backend(iters=6, codegen="inductor")
+        got = seeded_steps(model, x, backend)
+    assert backend.reports[0].streams[0].length == 6
+    for (gl, gg), (wl, wg) in zip(got, want):
+        assert abs(gl.item() - wl.item()) <= 1e-12 * abs(wl.item())
+        assert max_rel_err(gg, wg) < 1e-9, worst_param(gg, wg)
 
 
 class NoisyBlock(nn.Module):
@@ -103,27 +103,48 @@ class NoisyBlock(nn.Module):
             h = torch.tanh(h) * torch.empty_like(h).uniform_(0.9, 1.1)
         elif self.kind == "alpha-dropout":
             h = F.alpha_dropout(torch.tanh(h), 0.2, self.training)
+        elif self.kind == "sdpa-dropout":                # attention over the batch's rows
+            q, k = h[..., :6], h[..., 6:]
+            h = h + F.scaled_dot_product_attention(q, k, torch.tanh(h), dropout_p=0.2)
         return self.b(torch.tanh(h))
 
 
 class NoisyMLP(nn.Module):
-    def __init__(self, kind, d=6, n_blocks=4):
+    """Random ops before, inside and after a stream whose steps are `residual`."""
+
+    def __init__(self, kind, d=6, n_blocks=4, residual="identity"):
         super().__init__()
         self.blocks = nn.ModuleList(NoisyBlock(d, kind) for _ in range(n_blocks))
-        self.head = nn.Linear(d, 1)
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(n_blocks))
+        self.scale = nn.Parameter(torch.full((d,), 0.5))
+        self.head, self.residual = nn.Linear(d, 1), residual
+
+    def step(self, l, x, z):
+        if self.residual == "gated":
+            return torch.sigmoid(z) * x + z
+        if self.residual == "relu":
+            return torch.relu(x + z)
+        if self.residual == "layerscale":
+            return x + self.scale * z
+        if self.residual == "postln":
+            return self.norms[l](x + z)
+        return x + z
 
     def forward(self, x):
         x = F.dropout(x, 0.1, self.training)           # a draw before the stream
-        for blk in self.blocks:
-            x = x + blk(x)
+        for l, blk in enumerate(self.blocks):
+            x = self.step(l, x, blk(x))
         return self.head(F.dropout(x, 0.1, self.training)).pow(2).mean()
 
 
-@pytest.mark.parametrize("kind", ["dropout-transposed", "rrelu", "bernoulli", "randn",
-                                  "jitter", "alpha-dropout"])
-def test_random_ops_in_blocks_forward_bit_for_bit_and_exact_at_L(kind):
+@pytest.mark.parametrize("kind,residual", [
+    *[(k, "identity") for k in ("dropout-transposed", "rrelu", "bernoulli", "randn", "jitter",
+                                "alpha-dropout", "sdpa-dropout")],
+    *[(k, r) for k in ("dropout-transposed", "randn") for r in ("gated", "relu", "layerscale",
+                                                                 "postln")]])
+def test_random_ops_in_blocks_forward_bit_for_bit_and_exact_at_L(kind, residual):
     torch.manual_seed(1)
-    model = NoisyMLP(kind).double().train()
+    model = NoisyMLP(kind, residual=residual).double().train()
     x = torch.randn(5, 3, 6, dtype=torch.float64)
     want = seeded_steps(model, x, "aot_eager")
     backend = hbp_backend(iters=4, codegen="eager")
