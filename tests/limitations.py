@@ -102,6 +102,29 @@ class RNN(nn.Module):
         return self.rnn(x)[0].pow(2).mean()
 
 
+@torch.library.custom_op("hbp_tests::twice_tanh", mutates_args=())
+def twice_tanh(x: torch.Tensor) -> torch.Tensor:
+    """A custom op with a torch.library autograd formula (as transformers' grouped-mm fallback)."""
+    return 2 * torch.tanh(x)
+
+
+@twice_tanh.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _twice_tanh_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _twice_tanh_backward(ctx, g):
+    (x,) = ctx.saved_tensors
+    return 2 * g * (1 - torch.tanh(x) ** 2)
+
+
+twice_tanh.register_autograd(_twice_tanh_backward, setup_context=_twice_tanh_setup)
+
+
 def x6():
     return (torch.randn(4, 6, dtype=torch.float64),)
 
@@ -111,6 +134,11 @@ LIMITATIONS = [
                "SDPA's fused dropout)", "the stream is cut before that block, which runs exact",
                "transforms data inside the block",
                lambda: Stream(lambda x, b: x + torch.normal(b(x), 0.1)), x6),
+    Limitation("a custom op whose autograd formula torch.func cannot run (a `torch.library` op "
+               "with `register_autograd`; Mixtral's grouped-mm expert fallback)",
+               "the stream is cut at that block, which runs exact",
+               "torch.func cannot differentiate the block",
+               lambda: Stream(lambda x, b: x + twice_tanh(b(x))), x6),
     Limitation("a block that reads another block's activations", "the stream is cut there",
                "stream cut before block", ReadsEarlierBlock, x6),
     Limitation("a residual add that forks off the stream (a side branch)",

@@ -134,3 +134,39 @@ def capture_batching_problem(gm: fx.GraphModule, shared) -> Optional[str]:
                                                                diff, n))
     except Exception as e:                          # noqa: BLE001
         return f"vmap failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+
+def vjp_problem(gm: fx.GraphModule) -> Optional[str]:
+    """Why torch.func cannot differentiate a block template, or None.
+
+    The backward differentiates templates with torch.func.vjp (and vmap). A custom op whose
+    autograd formula is an autograd.Function without setup_context (transformers' grouped-mm
+    fallback in Mixtral's experts), or an op without a derivative for some input, fails there,
+    and it would fail the whole graph at compile time: found here, it cuts the stream at that
+    block instead."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    fake_mode = _fake_mode(vals)
+    if fake_mode is None:
+        return None
+    diff = [j for j, v in enumerate(vals)
+            if isinstance(v, torch.Tensor) and v.dtype.is_floating_point]
+
+    def vjp(*primals):
+        def f(*ps):
+            args = list(vals)
+            for j, p in zip(diff, ps):
+                args[j] = p
+            return tuple(o for o in gm(*args) if isinstance(o, torch.Tensor)
+                         and o.dtype.is_floating_point)
+        outs, fn = torch.func.vjp(f, *primals)
+        return fn(tuple(torch.ones_like(o) for o in outs))
+
+    try:
+        with fake_mode:
+            make_fx(vjp)(*[vals[j] for j in diff])
+    except Exception as e:                          # noqa: BLE001 - becomes the report's reason
+        return f"torch.func cannot differentiate the block: {type(e).__name__}: " \
+            f"{str(e).splitlines()[0][:160] if str(e) else ''}"
+    return None

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from .batching import vjp_problem
 from .blocks import Block, BlockError, extract_block
 from .captures import capture_fn
 from .groups import Group, Template, group_blocks, outline
@@ -57,8 +58,10 @@ def _owner_positions(graph: fx.Graph, owner: dict[fx.Node, int]) -> dict[fx.Node
 
 
 def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips: list[Skip]):
-    """Blocks of a stream, cut where a block cannot be outlined or reads an earlier block."""
+    """(block, template) runs of a stream, cut where a block cannot be outlined or
+    differentiated, or reads an earlier block."""
     blocks: list = []
+    problems: dict = {}             # template signature -> why torch.func cannot take it
     for l, step in enumerate(stream.steps):
         try:
             blk = extract_block(step, index)
@@ -66,24 +69,31 @@ def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips:
             if overlap is not None:
                 raise BlockError(overlap, "block overlaps a stream rewritten already "
                                           "(a residual add nested inside another block)")
-            blocks.append(blk)
+            tpl = outline(blk)
+            if tpl.signature not in problems:
+                problems[tpl.signature] = vjp_problem(tpl.gm)
+            if problems[tpl.signature]:
+                raise BlockError(blk.body[0], problems[tpl.signature])
+            blocks.append((blk, tpl))
         except BlockError as e:
             skips.append(Skip(step.node.name, f"block {l} of the stream: {e.reason}"))
             blocks.append(None)
     owner = {}
-    for l, blk in enumerate(blocks):
-        if blk is not None:
+    for l, bt in enumerate(blocks):
+        if bt is not None:
+            blk = bt[0]
             owner.update({n: l for n in blk.body})
             owner.update({n: l for n in blk.step.residual})
             owner.update({n: l for n in blk.step.outputs})
     latest = _owner_positions(graph, owner)
     segments, current, start = [], [], 0
-    for l, blk in enumerate(blocks):
-        if blk is None:
+    for l, bt in enumerate(blocks):
+        if bt is None:
             if current:
                 segments.append(current)
             current, start = [], l + 1
             continue
+        blk = bt[0]
         # A capture computed from this segment's own earlier blocks (a block reading x_j for
         # j < l, or another block's internals) would be both input and output of one call.
         bad = next((c for c in (*blk.captures, *blk.step.residual_caps)
@@ -95,7 +105,7 @@ def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips:
             if current:
                 segments.append(current)
             current, start = [], l
-        current.append(blk)
+        current.append(bt)
     if current:
         segments.append(current)
     return segments
@@ -135,13 +145,13 @@ def plan_streams(graph: fx.Graph, min_length: int = 2):
     for sid, stream in enumerate(streams):
         stream, dropped = widen_stream(stream, index)
         skips += [Skip(step.node.name, why) for step, why in dropped]
-        for blocks in _split_stream(graph, stream, index, claimed, skips):
+        for run in _split_stream(graph, stream, index, claimed, skips):
+            blocks, templates = [b for b, _ in run], [t for _, t in run]
             if len(blocks) < min_length:
                 skips.append(Skip(blocks[0].step.node.name,
                                   f"segment of {len(blocks)} block(s) is shorter than "
                                   f"min_length={min_length}" + _why_short(blocks[-1], sources)))
                 continue
-            templates = [outline(b) for b in blocks]
             groups = group_blocks(blocks, templates)
             for g in groups:
                 g.capture = capture_fn(blocks, g, index)
