@@ -22,6 +22,7 @@ from .logs import enabled as log_enabled
 from .logs import log
 from .report import BlockReport, GraphReport, GroupReport, SkipReport, StreamReport
 from .rewrite.highway_rnn import RNNSpec
+from .rewrite.highway_stream import StreamFailure
 from .rewrite.partition import partition_group
 from .rewrite.replace import (build_spec, device_type, replace_rnn_layer, replace_stream,
                               rnn_layer_problem)
@@ -89,18 +90,34 @@ class HBPBackend:
         # exact either way: the fallback below compiles the lowered graph too (no unrolling)
         for node, why in lower_rnn_modules(gm):
             report.skipped.append(SkipReport(node, why))
-        stage = "the pass"
-        try:
-            t0 = time.perf_counter()
-            rewritten = self._rewrite(gm, example_inputs, report)
-            report.timings["pass_s"] = time.perf_counter() - t0
-            if rewritten is not None:
+        lowered = list(report.skipped)
+        excluded: dict = {}             # stream key -> why it runs exact after all
+        while True:
+            report.streams.clear()
+            report.skipped[:] = lowered + [SkipReport(k, why) for k, why in excluded.items()]
+            keys: dict = {}             # stream name -> key (its first step's node)
+            stage = "the pass"
+            try:
+                t0 = time.perf_counter()
+                rewritten = self._rewrite(gm, example_inputs, report, excluded, keys)
+                report.timings["pass_s"] = time.perf_counter() - t0
+                if rewritten is None:
+                    break
                 stage = "compiling the rewritten graph"
                 return compile_graph(rewritten, example_inputs, codegen, on_graph, key, patches)
-        except (HBPError, *_RESTARTS):
-            raise
-        except Exception as e:                      # noqa: BLE001 - reported, never swallowed
-            self._fall_back(report, f"{stage} failed: {type(e).__name__}: {e}", e)
+            except (HBPError, *_RESTARTS):
+                raise
+            except StreamFailure as e:                # one stream's backward: leave it exact
+                if self.config.strict or keys.get(e.stream) in (None, *excluded):
+                    self._fall_back(report, f"{stage} failed: {e}", e)
+                    break
+                excluded[keys[e.stream]] = f"building its Highway-BP backward failed " \
+                    f"({e}); this stream runs exact backprop, the others stay rewritten"
+                _count("streams_isolated")
+                log.warning("hbp_compile graph %d: stream %s", report.index, excluded[keys[e.stream]])
+            except Exception as e:                      # noqa: BLE001 - reported, never swallowed
+                self._fall_back(report, f"{stage} failed: {type(e).__name__}: {e}", e)
+                break
         return compile_graph(gm, example_inputs, codegen, on_graph, key, patches)
 
     def _dump(self, report: GraphReport) -> None:
@@ -130,8 +147,12 @@ class HBPBackend:
                 _count("block_vjps", sum(s.vjps_per_round.values()))
             self._dump(report)
 
-    def _rewrite(self, gm: fx.GraphModule, example_inputs, report: GraphReport):
-        """The rewritten functional aten graph, or None when there is nothing to rewrite."""
+    def _rewrite(self, gm: fx.GraphModule, example_inputs, report: GraphReport,
+                 excluded: dict, keys: dict):
+        """The rewritten functional aten graph, or None when there is nothing to rewrite.
+
+        Streams whose key (their first step's node) is in `excluded` stay exact; `keys` gets
+        each rewritten stream's name -> key."""
         cfg = self.config
         agm = functional_aten_graph(gm, example_inputs)
         report.graphs["captured"] = agm.print_readable(print_output=False)
@@ -146,7 +167,10 @@ class HBPBackend:
             return None
         renamed: dict = {}
         for seg in segments:
+            if seg.blocks[0].step.node.name in excluded:
+                continue
             name = f"hbp_stream_{report.index}_{len(report.streams)}"
+            keys[name] = seg.blocks[0].step.node.name
             for g in seg.groups:
                 if cfg.recompute:
                     g.recompute_reason = "recompute=True"
@@ -170,7 +194,7 @@ class HBPBackend:
         restore_native_batch_norm(agm.graph)
         _stable_topological_sort(agm.graph)    # readers of x_l may precede the new call
         agm.graph.eliminate_dead_code()
-        self._rewrite_rnn_layers(agm.graph, report)
+        self._rewrite_rnn_layers(agm.graph, report, excluded, keys)
         if not report.streams:
             return None
         restore_post_norms(agm.graph, post_norms)
@@ -181,7 +205,8 @@ class HBPBackend:
             log.info("graph %d rewritten:\n%s", report.index, report.graphs["rewritten"])
         return agm
 
-    def _rewrite_rnn_layers(self, graph: fx.Graph, report: GraphReport) -> None:
+    def _rewrite_rnn_layers(self, graph: fx.Graph, report: GraphReport, excluded: dict,
+                            keys: dict) -> None:
         """Each RNN layer and direction left in the graph -> a HighwayRNN stream over time."""
         cfg = self.config
         layers = _rnn_layers(graph)
@@ -191,12 +216,15 @@ class HBPBackend:
             T = x.meta["val"].shape[0]
             report.residual_steps += T if isinstance(T, int) else 0
             why = rnn_layer_problem(node) if cfg.rnn_modules else "rnn_modules=False"
+            if node.name in excluded:
+                continue                              # reported by the caller
             if why:
                 if cfg.strict:
                     raise HBPError(f"%{node.name}: {why}")
                 report.skipped.append(SkipReport(node.name, why))
                 continue
             name = f"hbp_rnn_{report.index}_{len(report.streams)}"
+            keys[name] = node.name
             spec = RNNSpec(name, mode, has_biases, train, cfg.iters, cfg.gamma,
                            choose_scan(T + 1, device_type(x), cfg.scan))
             report.streams.append(_rnn_stream_report(spec, node, T, len(params)))

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import rnn_ops                           # noqa: F401 - registers torch.ops.hbp.*
-from .highway_stream import annotate
+from .highway_stream import annotate, failures_name
 
 
 def scan_over_time(a, k, form):
@@ -198,6 +198,11 @@ class HighwayRNN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        with failures_name(ctx.spec.name):
+            return HighwayRNN._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx, *grads):
         spec, cell = ctx.spec, CELLS[ctx.spec.mode]
         x, out, *rest = ctx.saved_tensors
         hx, params = rest[:ctx.n_h], rest[ctx.n_h:]

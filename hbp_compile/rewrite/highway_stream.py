@@ -417,11 +417,41 @@ def _scatter_rows(g: torch.Tensor, src: torch.Tensor, dim: int, index) -> torch.
     return src.new_zeros(src.shape, dtype=g.dtype).index_add(dim, rows, g)
 
 
+class StreamFailure(Exception):
+    """Building one stream's Highway-BP forward or backward failed (while AOTAutograd traces
+    it): the backend leaves that stream exact and compiles the rest."""
+
+    def __init__(self, stream: str, cause: Exception):
+        super().__init__(f"{stream}: {type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''}")
+        self.stream, self.cause = stream, cause
+
+
+@contextlib.contextmanager
+def failures_name(stream: str):
+    """Re-raise an exception from building `stream` as StreamFailure(stream)."""
+    try:
+        yield
+    except StreamFailure:
+        raise
+    except Exception as e:                      # noqa: BLE001 - the backend isolates the stream
+        raise StreamFailure(stream, e) from e
+
+
 class HighwayStream(torch.autograd.Function):
     """x_0 (its m components), captures -> returned states and side outputs; Highway-BP."""
 
     @staticmethod
     def forward(ctx, spec: StreamSpec, *args):
+        with failures_name(spec.name):
+            return HighwayStream._forward(ctx, spec, *args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        with failures_name(ctx.spec.name):
+            return HighwayStream._backward(ctx, *grads)
+
+    @staticmethod
+    def _forward(ctx, spec: StreamSpec, *args):
         m = spec.width
         x, caps = tuple(args[:m]), args[m:]
         xs, sides, randoms, saved = [x], [], [], []
@@ -455,7 +485,7 @@ class HighwayStream(torch.autograd.Function):
         return tuple(xs[l][j] for l, j in spec.state_outputs) + tuple(sides)
 
     @staticmethod
-    def backward(ctx, *grads):
+    def _backward(ctx, *grads):
         spec, L, m = ctx.spec, ctx.spec.length, ctx.spec.width
         saved = ctx.saved_tensors
         xs = [tuple(saved[l * m:(l + 1) * m]) for l in range(L)]      # x_l, its m components
