@@ -136,7 +136,7 @@ def capture_batching_problem(gm: fx.GraphModule, shared) -> Optional[str]:
         return f"vmap failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
 
 
-def vjp_problem(gm: fx.GraphModule) -> Optional[str]:
+def vjp_problem(gm: fx.GraphModule, n_x: int = 1) -> Optional[str]:
     """Why torch.func cannot differentiate a block template, or None.
 
     The backward differentiates templates with torch.func.vjp (and vmap). A custom op whose
@@ -150,8 +150,9 @@ def vjp_problem(gm: fx.GraphModule) -> Optional[str]:
     fake_mode = _fake_mode(vals)
     if fake_mode is None:
         return None
-    diff = [j for j, v in enumerate(vals)
-            if isinstance(v, torch.Tensor) and v.dtype.is_floating_point]
+    # x, and the inputs a gradient is asked of (parameters and what reads them; not buffers)
+    diff = [j for j, v in enumerate(vals) if isinstance(v, torch.Tensor)
+            and v.dtype.is_floating_point and (j < n_x or v.requires_grad)]
 
     def vjp(*primals):
         def f(*ps):

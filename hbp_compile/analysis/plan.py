@@ -71,7 +71,7 @@ def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips:
                                           "(a residual add nested inside another block)")
             tpl = outline(blk)
             if tpl.signature not in problems:
-                problems[tpl.signature] = vjp_problem(tpl.gm)
+                problems[tpl.signature] = vjp_problem(tpl.gm, tpl.n_x)
             if problems[tpl.signature]:
                 raise BlockError(blk.body[0], problems[tpl.signature])
             blocks.append((blk, tpl))
