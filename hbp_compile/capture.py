@@ -9,7 +9,6 @@ from __future__ import annotations
 import operator
 
 import torch
-from torch._prims_common import compute_elementwise_output_logical_to_physical_perm
 import torch.fx as fx
 from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -64,27 +63,6 @@ def _functional_batch_norm(input, weight, bias, running_mean, running_var, train
     return out, mean, rstd
 
 
-def _native_dropout(input, p, train):
-    """native_dropout as a bernoulli draw and a mul, bit for bit what ATen's CPU kernel does:
-    mask = empty_like(input).bernoulli_(1 - p) (drawn even at p = 0), out = input * mask *
-    (1 / (1 - p)).
-
-    The draw is then an op of its own, which a block can save. In-place bernoulli_ fills the
-    mask in its memory order, which empty_like takes from the input's strides (a transposed
-    attention output); the functional bernoulli.p fills a contiguous tensor. So the draw runs
-    on the mask's dims in memory order and is permuted back: the same numbers land on the same
-    elements as in an exact compile (a contiguous draw put them elsewhere, and a seeded run
-    under hbp differed from the exact one)."""
-    if train is False:
-        return input.clone(), torch.ones_like(input, dtype=torch.bool)
-    p1m = 1.0 - p
-    scale = 0.0 if p1m == 0 else 1.0 / p1m
-    perm, _ = compute_elementwise_output_logical_to_physical_perm(input)
-    physical = torch.ops.aten.bernoulli.p(input.new_empty([input.shape[d] for d in perm]), p1m)
-    noise = physical.permute([perm.index(d) for d in range(input.dim())])
-    return input * noise * scale, noise.to(torch.bool)      # the table runs unfunctionalized
-
-
 def _capture_decompositions():
     """Ops whose aten form hides a mutation, rewritten so that functionalization sees it.
 
@@ -92,11 +70,11 @@ def _capture_decompositions():
     Written as _native_batch_norm_legit_functional, the update becomes the op's extra outputs
     plus a copy_ into each buffer: the analysis sees block side outputs instead of
     a hidden side effect, and the kernel (so the forward's numbers) stays the one an exact
-    compile runs. native_dropout draws its mask inside the op; written out, the draw is a
-    node a block can save. dropout goes the way AOTAutograd takes it, through native_dropout.
+    compile runs. F.dropout goes the way AOTAutograd takes it, through native_dropout, which
+    stays one op (a block saves its mask output: groups.py), so that its kernel draws the
+    random numbers the exact compile's draws, on every device.
     """
     return {torch.ops.aten.native_batch_norm.default: _functional_batch_norm,
-            torch.ops.aten.native_dropout.default: _native_dropout,
             torch.ops.aten.dropout.default: _dropout}
 
 
@@ -104,7 +82,8 @@ def _dropout(input, p, train):
     """F.dropout as AOTAutograd traces it (torch._decomp: native_dropout when it drops), and so as
     an exact compile runs it. Left to ATen's CPU composite, it became bernoulli_ on a strided
     empty_like, which functionalization turns into a contiguous draw: other mask positions."""
-    return _native_dropout(input, p, train)[0] if train and p != 0 else input.clone()
+    return torch.ops.aten.native_dropout(input, p, train)[0] if train and p != 0 \
+        else input.clone()
 
 
 def _functionalized(gm: fx.GraphModule):

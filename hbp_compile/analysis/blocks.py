@@ -136,6 +136,11 @@ SAVED_RANDOM_OPS = {
 }
 
 
+# Random ops that draw a mask and apply it in one kernel: the block saves the mask output, its
+# backward templates apply the saved mask (groups.py), and the forward runs the op itself.
+MASKED_RANDOM_OPS = {aten.native_dropout.default}
+
+
 def _is_random(node: fx.Node) -> bool:
     return isinstance(node.target, torch._ops.OpOverload) \
         and torch.Tag.nondeterministic_seeded in node.target.tags and not _dropout_off(node)
@@ -152,7 +157,7 @@ def _check_op(node: fx.Node) -> None:
     schema = node.target._schema
     if schema.is_mutable:
         raise BlockError(node, f"{node.target} mutates its input inside the block")
-    if _is_random(node) and node.target not in SAVED_RANDOM_OPS:
+    if _is_random(node) and node.target not in SAVED_RANDOM_OPS | MASKED_RANDOM_OPS:
         # The backward re-runs the block from saved inputs, and this op's draw cannot be saved
         # apart from its data (SDPA's dropout_p > 0: use eager attention or dropout_p = 0).
         raise BlockError(node, f"random op {node.target} transforms data inside the block; "

@@ -14,7 +14,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .blocks import Block
+from .blocks import MASKED_RANDOM_OPS, Block
 from .rules import POST_LN
 
 aten = torch.ops.aten
@@ -56,26 +56,59 @@ class Template:
 
 
 def _copy_body(block: Block, draw: bool) -> fx.GraphModule:
-    """The block's body as a graph; random draws are kept and returned (draw) or read as inputs."""
+    """The block's body as a graph; random draws are kept and returned (draw) or read as inputs.
+
+    A masked random op (native_dropout) returns its mask as the draw; read as an input, the
+    op becomes input * mask * scale, what its kernels compute with that mask."""
     graph = fx.Graph()
     env = {x: graph.placeholder(name) for x, name in zip(block.xs, _x_names(block))}
     for j, cap in enumerate(block.captures):
         env[cap] = graph.placeholder(f"cap{j}")
-    if not draw:
-        for j, rnd in enumerate(block.randoms):
-            env[rnd] = graph.placeholder(f"random{j}")
     for node, ph in env.items():
         ph.meta["val"] = node.meta.get("val")
+    masks = {}
+    if not draw:
+        for j, rnd in enumerate(block.randoms):
+            ph = graph.placeholder(f"random{j}")
+            ph.meta["val"] = _drawn_val(rnd)
+            masks[rnd] = ph
     for node in block.body:
         if node in env:
+            continue
+        if node in masks and node.target in MASKED_RANDOM_OPS:
+            env[node] = graph.call_function(apply_dropout_mask,
+                                            (env[node.args[0]], masks[node], *node.args[1:2]))
+            continue
+        if node in masks:
+            env[node] = masks[node]
             continue
         env[node] = graph.node_copy(node, lambda a: env[a])
         if env[node].target in _VIEW_TO_RESHAPE:
             env[node].target = aten.reshape.default
-    outputs = list(block.zs) + block.side_outputs + (block.randoms if draw else [])
-    graph.output(tuple(env[o] for o in outputs))
+    drawn = [_drawn(graph, env, r) for r in block.randoms] if draw else []
+    outputs = [env[o] for o in list(block.zs) + block.side_outputs] + drawn
+    graph.output(tuple(outputs))
     graph.eliminate_dead_code()            # what fed only the draws (empty_like) goes
     return fx.GraphModule(torch.nn.Module(), graph)
+
+
+def apply_dropout_mask(x, mask, p):
+    """native_dropout's output from its mask: x * mask * (1 / (1 - p)), as its kernels compute
+    it (the CPU one as x.mul(mask).mul_(scale)), and the mask."""
+    scale = 0.0 if p == 1 else 1.0 / (1.0 - p)
+    return x * mask * scale, mask
+
+
+def _drawn(graph: fx.Graph, env: dict, rnd: fx.Node) -> fx.Node:
+    """The value a random node draws: its output, or a masked op's mask."""
+    if rnd.target in MASKED_RANDOM_OPS:
+        return graph.call_function(operator.getitem, (env[rnd], 1))
+    return env[rnd]
+
+
+def _drawn_val(rnd: fx.Node):
+    val = rnd.meta.get("val")
+    return val[1] if rnd.target in MASKED_RANDOM_OPS else val
 
 
 def outline(block: Block) -> Template:

@@ -249,7 +249,9 @@ def draws_only(forward: fx.GraphModule, n_random: int) -> fx.GraphModule:
     outs = graph.graph_copy(forward.graph, {})
     graph.output(tuple(outs[len(outs) - n_random:]))
     for n in list(graph.nodes):
-        src = n.args[0] if n.target in _LIKE_OPS else None
+        # a like-op reads only a layout; so does native_dropout's mask (its output is not drawn)
+        src = n.args[0] if n.target in _LIKE_OPS or n.target is aten.native_dropout.default \
+            else None
         if isinstance(src, fx.Node) and src.op != "placeholder":
             with graph.inserting_before(n):
                 n.replace_input_with(src, _empty_like_layout(graph, src.meta["val"]))
