@@ -69,8 +69,13 @@ def main():
                 and "grads" in c]
         for c in base[1:]:
             c["rel_err_vs_saved_k1"] = rel(c["grads"], base[0]["grads"])
+    out["checks"] += random_checks(dev)
     for c in out["checks"]:
         c.pop("grads", None)
+        if "random" in c:
+            c["ok"] = c.get("error") is None and c["equal"]
+            print(("PASS " if c["ok"] else "FAIL ") + json.dumps(c, default=str), flush=True)
+            continue
         ok = c.get("error") is None and (c["k"] < 4 or c["rel_err_vs_exact"] < 1e-4) and \
             c.get("rel_err_vs_saved_k1", 0) < 1e-4 and not c.get("fallback") and \
             bool(c.get("streams"))
@@ -80,6 +85,44 @@ def main():
         json.dump(out, f, indent=1, default=str)
     print(f"{sum(c['ok'] for c in out['checks'])} passed, "
           f"{sum(not c['ok'] for c in out['checks'])} failed")
+
+
+def random_checks(dev):
+    """Seeded nn.TransformerEncoder with dropout (float64): the hbp forward is aot_eager's bit for
+    bit (codegen="eager", the device's own dropout kernel), and exact Inductor's with
+    fallback_random; the loss after reseeding too."""
+    import torch._inductor.config as inductor_config
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True, norm_first=True)
+    enc = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False).double().to(dev).train()
+    x = torch.randn(3, 5, 16, dtype=torch.float64, device=dev)
+
+    def losses(backend):
+        torch._dynamo.reset()
+        cm = torch.compile(copy.deepcopy(enc), backend=backend)
+        out = []
+        for seed in (7, 7, 8):
+            torch.manual_seed(seed)
+            out.append(cm(x).pow(2).mean().item())
+        return out
+
+    recs = []
+    for codegen, exact, patch in [("eager", "aot_eager", {}),
+                                  ("inductor", "inductor", {"fallback_random": True})]:
+        try:
+            with inductor_config.patch(patch):
+                want = losses(exact)
+                got = losses(hbp_backend(iters=6, codegen=codegen))
+            equal = got == want if codegen == "eager" else \
+                all(abs(a - b) <= 1e-12 * abs(b) for a, b in zip(got, want))
+            recs.append(dict(random="encoder-dropout", codegen=codegen, got=got, want=want,
+                             equal=equal))
+        except Exception as e:                            # noqa: BLE001
+            recs.append(dict(random="encoder-dropout", codegen=codegen,
+                             error=f"{type(e).__name__}: {e}"))
+    return recs
 
 
 if __name__ == "__main__":
