@@ -178,10 +178,22 @@ def rnn_module(call: str, mode: str, input, hx, params, has_biases: bool, num_la
                 f.append(t)
         x = outs[0] if dirs == 1 else torch.cat(outs, -1)
         if dropout and train and layer < num_layers - 1:
-            x = torch.nn.functional.dropout(x, dropout, True)
+            x = _aten_dropout(x, dropout)
     out = x.transpose(0, 1) if batch_first else x
     finals = [torch.stack(f) for f in finals]
     return (out, *finals)
+
+
+def _aten_dropout(x, p: float):
+    """The dropout ATen's RNN runs between layers (at::dropout), written so that every compile
+    keeps it: on a CPU a bernoulli_ on empty_like(x) and x * (noise / (1 - p)) (Inductor falls
+    back to ATen's bernoulli there, so the masks are eager's); on a GPU native_dropout, the
+    fused kernel at::dropout picks. F.dropout would trace to native_dropout everywhere, whose
+    Inductor lowering draws its own numbers: an exact run of the module is eager's."""
+    if x.device.type != "cpu":
+        return torch.ops.aten.native_dropout(x, p, True)[0]
+    noise = torch.empty_like(x).bernoulli_(1 - p)
+    return x * noise.div_(1 - p)
 
 
 def lower_rnn_modules(gm: fx.GraphModule) -> list[tuple[str, str]]:
