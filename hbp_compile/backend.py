@@ -159,10 +159,12 @@ class HBPBackend:
         if cfg.dump_dir is not None:
             report.graphs["joint_original"] = _try(joint_graph, agm, example_inputs)
         post_norms = split_post_norms(agm.graph)
-        segments, skips, report.residual_steps = plan_streams(agm.graph, cfg.min_length)
+        segments, skips, report.residual_steps = plan_streams(agm.graph, cfg.min_length,
+                                                              cfg.exclude)
         report.skipped += [SkipReport(s.node, s.reason) for s in skips]
-        if cfg.strict and skips:
-            raise HBPError(f"%{skips[0].node}: {skips[0].reason}")
+        problems = [s for s in skips if not s.wanted]
+        if cfg.strict and problems:
+            raise HBPError(f"%{problems[0].node}: {problems[0].reason}")
         if not segments and not _rnn_layers(agm.graph):
             return None
         renamed: dict = {}

@@ -27,6 +27,7 @@ class HBPConfig:
     mode: Optional[str] = None      # torch.compile's mode for Inductor ("reduce-overhead": CUDA graphs)
     inductor_options: tuple = ()    # Inductor config patches, (key, value) pairs (a dict is accepted)
     rnn_modules: bool = True        # trace nn.RNN/GRU/LSTM (Dynamo's allow_rnn, for hbp frames only)
+    exclude: tuple = ()             # fnmatch patterns of module paths whose blocks stay exact
     dump_dir: Optional[str] = None  # where to write graphs and reports (not in the cache key)
 
     def __post_init__(self):
@@ -64,6 +65,11 @@ class HBPConfig:
             raise ValueError(f"hbp_backend: inductor_options: {bad[0]!r} is no Inductor config "
                              f"option (torch._inductor.config)")
         object.__setattr__(self, "inductor_options", opts)
+        exclude = (self.exclude,) if isinstance(self.exclude, str) else self.exclude
+        if not isinstance(exclude, (tuple, list)) or not all(isinstance(p, str) for p in exclude):
+            raise ValueError("hbp_backend: exclude must be module-path patterns (a str or a "
+                             f"list of str, fnmatch style, e.g. 'h.0.*'), got {self.exclude!r}")
+        object.__setattr__(self, "exclude", tuple(exclude))
 
     @classmethod
     def from_options(cls, options: dict) -> "HBPConfig":

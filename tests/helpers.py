@@ -90,3 +90,13 @@ def oracle_general(model, inputs, k, gamma=0.0, view_fn=None, **view):
     streams, head = view_fn(m, *xs) if view_fn is not None else m.stream_view(*xs, **view)
     loss, _ = highway_backward_general(streams, head, k, gamma=gamma)
     return loss, grads_of(m, xs)
+
+
+def assert_matches_general_oracle(model, inputs, k, tol=1e-10, **view):
+    """Compiled Highway-BP at k equals oracle_general's, and differs from exact backprop (so
+    the comparison could fail); returns the backend (for its report)."""
+    _, want = oracle_general(model, inputs, k, **view)
+    _, got, backend = compiled(model, inputs, k)
+    assert max_rel_err(got, want) < tol, worst_param(got, want)
+    assert max_rel_err(got, exact(model, inputs)[1]) > 1e-6
+    return backend

@@ -258,3 +258,23 @@ def test_a_stream_that_fails_to_build_runs_exact_and_the_others_stay_rewritten(m
     assert "runs exact backprop, the others stay rewritten" in why
     assert counters["streams_isolated"] == before + 1
     assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+
+
+@pytest.mark.parametrize("exclude,kept", [("transformer.h.1.*", [2, 3]),
+                                          (["*h.0.attn*", "*.h.2.mlp*"], [0, 5])])
+def test_exclude_keeps_chosen_blocks_exact(exclude, kept):
+    """exclude= module-path patterns: matching blocks run exact backprop (the stream is cut
+    around them), the report names pattern and module, strict mode does not object, and the
+    gradients stay exact at k >= L."""
+    from models import GPT
+
+    torch.manual_seed(6)
+    model = GPT(n_layer=3).double()
+    inputs = model.example_inputs(2)
+    _, want = exact(model, inputs)
+    _, got, backend = compiled(model, inputs, 6, exclude=exclude, strict=True)
+    (report,) = backend.reports
+    excluded = [s for s in report.skipped if "kept exact by exclude=" in s.reason]
+    assert len(excluded) == len(kept), str(report)
+    assert sum(s.length for s in report.streams) == 6 - len(kept)
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)

@@ -21,6 +21,7 @@ BAD = {
     "mode": (["fast", 1], "reduce-overhead"),
     "inductor_options": ([{"not_an_inductor_option": 1}, [1, 2], "x"], "Inductor config"),
     "dump_dir": ([3, ["a"]], "path"),
+    "exclude": ([3, [1], ("h.0", None)], "module-path patterns"),
 }
 CASES = [(name, value, words) for name, (values, words) in BAD.items() for value in values]
 

@@ -6,7 +6,8 @@ Oracle: tests/oracle_general.py (eager, VJPs only, no diagonal assumption) and e
 import pytest
 import torch
 
-from helpers import compiled, exact, max_rel_err, oracle_general, worst_param
+from helpers import (assert_matches_general_oracle, compiled, exact, max_rel_err,
+                     oracle_general, worst_param)
 from models_general import (ElmanLoop, GatedMLP, GRUCellLoop, GRULoop, LayerScaleMLP,
                             LSTMLoop, PostActResNet, PostLNEncoder)
 
@@ -47,11 +48,7 @@ def test_found_and_exact_at_L(name):
 def test_matches_general_oracle(name, k):
     torch.manual_seed(10 + k)
     model, inputs, L, _ = build(name)
-    _, want = oracle_general(model, inputs, k, **MODELS[name][3])
-    _, got, _ = compiled(model, inputs, k)
-    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
-    _, exact_grads = exact(model, inputs)
-    assert max_rel_err(got, exact_grads) > 1e-6          # the comparison above can fail
+    assert_matches_general_oracle(model, inputs, k, **MODELS[name][3])
 
 
 @pytest.mark.parametrize("name,gamma", [("gated_mlp", 0.2), ("gru_loop", 0.2), ("gated_mlp", 1.0),

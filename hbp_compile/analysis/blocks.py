@@ -112,6 +112,19 @@ def module_path(nodes: list[fx.Node]) -> Optional[str]:
     return base or None
 
 
+def excluded_by(block: Block, patterns) -> Optional[str]:
+    """The first module path of the block's nodes that an exclude pattern matches, as
+    "pattern (path)", or None."""
+    import fnmatch
+
+    for node in block.body:
+        for path in _module_stack(node):
+            for pattern in patterns:
+                if fnmatch.fnmatchcase(path, pattern):
+                    return f"{pattern!r} ({path})"
+    return None
+
+
 def _reaches_output(node: fx.Node) -> bool:
     """True if the graph's output reads `node` other than through a buffer write-back (copy_)."""
     seen, stack = set(), [node]

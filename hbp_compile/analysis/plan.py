@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 from .batching import vjp_problem
-from .blocks import Block, BlockError, extract_block
+from .blocks import Block, BlockError, excluded_by, extract_block
 from .captures import capture_fn
 from .groups import Group, Template, group_blocks, outline
 from .rules import HEAVY_OPS, GraphIndex, ResidualStep
@@ -24,6 +24,7 @@ class Skip:
 
     node: str
     reason: str
+    wanted: bool = False        # the user asked for it (exclude=): no problem for strict mode
 
 
 @dataclasses.dataclass
@@ -57,7 +58,8 @@ def _owner_positions(graph: fx.Graph, owner: dict[fx.Node, int]) -> dict[fx.Node
     return latest
 
 
-def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips: list[Skip]):
+def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips: list[Skip],
+                  exclude: tuple = ()):
     """(block, template) runs of a stream, cut where a block cannot be outlined or
     differentiated, or reads an earlier block."""
     blocks: list = []
@@ -65,6 +67,9 @@ def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips:
     for l, step in enumerate(stream.steps):
         try:
             blk = extract_block(step, index)
+            matched = excluded_by(blk, exclude) if exclude else None
+            if matched:
+                raise BlockError(blk.body[0], f"kept exact by exclude={matched}")
             overlap = next((n for n in blk.body if n in claimed), None)
             if overlap is not None:
                 raise BlockError(overlap, "block overlaps a stream rewritten already "
@@ -76,7 +81,8 @@ def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips:
                 raise BlockError(blk.body[0], problems[tpl.signature])
             blocks.append((blk, tpl))
         except BlockError as e:
-            skips.append(Skip(step.node.name, f"block {l} of the stream: {e.reason}"))
+            skips.append(Skip(step.node.name, f"block {l} of the stream: {e.reason}",
+                              wanted=e.reason.startswith("kept exact by exclude")))
             blocks.append(None)
     owner = {}
     for l, bt in enumerate(blocks):
@@ -133,7 +139,7 @@ def _why_short(last: Block, sources: set) -> str:
             f"after the residual add that is not a residual function the pass knows)")
 
 
-def plan_streams(graph: fx.Graph, min_length: int = 2):
+def plan_streams(graph: fx.Graph, min_length: int = 2, exclude: tuple = ()):
     """Find the streams of a graph and plan their segments; returns (segments, skips, n_steps)."""
     index = GraphIndex(graph)
     streams, unlinked = find_streams(graph, index)
@@ -145,7 +151,7 @@ def plan_streams(graph: fx.Graph, min_length: int = 2):
     for sid, stream in enumerate(streams):
         stream, dropped = widen_stream(stream, index)
         skips += [Skip(step.node.name, why) for step, why in dropped]
-        for run in _split_stream(graph, stream, index, claimed, skips):
+        for run in _split_stream(graph, stream, index, claimed, skips, exclude):
             blocks, templates = [b for b, _ in run], [t for _, t in run]
             if len(blocks) < min_length:
                 skips.append(Skip(blocks[0].step.node.name,
