@@ -215,8 +215,9 @@ class HBPBackend:
         report.rnn_calls = len({n.meta.get("custom", {}).get("hbp_rnn_call") for n in layers})
         for node in layers:
             mode, x, hx, params, has_biases, train = node.args
-            T = x.meta["val"].shape[0]
-            report.residual_steps += T if isinstance(T, int) else 0
+            T = x.meta["val"].shape[0]            # an int, or a SymInt (dynamic shapes)
+            steps = _size_hint(T)                 # for the report: never a guard on T
+            report.residual_steps += steps
             why = rnn_layer_problem(node) if cfg.rnn_modules else "rnn_modules=False"
             if node.name in excluded:
                 continue                              # reported by the caller
@@ -229,11 +230,12 @@ class HBPBackend:
             keys[name] = node.name
             spec = RNNSpec(name, mode, has_biases, train, cfg.iters, cfg.gamma,
                            choose_scan(T + 1, device_type(x), cfg.scan))
-            report.streams.append(_rnn_stream_report(spec, node, T, len(params)))
+            report.streams.append(_rnn_stream_report(spec, node, steps, len(params),
+                                                     symbolic=not isinstance(T, int)))
             replace_rnn_layer(graph, node, spec)
             _count("streams_rewritten")
             _count("rnn_layers_rewritten")
-            _count("blocks_rewritten", T)
+            _count("blocks_rewritten", steps)
 
     def _batching(self, group) -> tuple[bool, str]:
         """Batch this group's VJPs? (and why not)."""
@@ -258,7 +260,8 @@ _RNN_RESIDUALS = {"rnn_tanh": "none (h_t = tanh(.), K = 0)", "rnn_relu": "none (
                   "gru": "GRU gate z h + (1 - z) n", "lstm": "LSTM (c, h): c = f c + i g"}
 
 
-def _rnn_stream_report(spec: RNNSpec, node: fx.Node, T: int, n_params: int) -> StreamReport:
+def _rnn_stream_report(spec: RNNSpec, node: fx.Node, T: int, n_params: int,
+                       symbolic: bool = False) -> StreamReport:
     mode, x, hx = node.args[:3]
     H = hx[0].meta["val"].shape[-1]
     where = (node.meta.get("custom") or {}).get("hbp_rnn", mode)
@@ -267,8 +270,9 @@ def _rnn_stream_report(spec: RNNSpec, node: fx.Node, T: int, n_params: int) -> S
     out = [u for u in node.users if u.args[1] == 0 and u.users]
     scan = "none (K = 0)" if mode.startswith("rnn") else f"{spec.scan} diagonal scan over time" \
         + (", K = diag(z)" if mode == "gru" else ", K in c: f (h through o tanh'(c) f)")
+    steps = f"T steps (symbolic; {T} at compile time)" if symbolic else f"{T} steps"
     group = GroupReport(0, f"{mode} cell", f"{mode} cell, hidden {H}, weights shared by all "
-                        f"{T} steps: one VJP over T x B rows per round", list(range(T)), True,
+                        f"{steps}: one VJP over T x B rows per round", list(range(T)), True,
                         shared_captures=n_params, saved=-1,
                         recompute_reason="the gates of all T steps, in one batched cell forward "
                         "from the op's outputs (ATen's RNN op saves none)")
@@ -276,6 +280,14 @@ def _rnn_stream_report(spec: RNNSpec, node: fx.Node, T: int, n_params: int) -> S
                         x0=hx[0].name, blocks=[], groups=[group],
                         injections=list(range(1, T)) if out else [], side_outputs=0,
                         scan=scan, source=f"{path}: {where}".strip(": "))
+
+
+def _size_hint(n) -> int:
+    """An int, or a SymInt's value at compile time (its hint), read without adding a guard."""
+    if isinstance(n, int):
+        return n
+    hint = getattr(n.node, "hint", None)
+    return int(hint) if hint is not None else 0
 
 
 def _dynamo_trace_seconds() -> float:

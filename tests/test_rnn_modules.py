@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from hbp_compile import hbp_backend
-from helpers import max_rel_err
+from helpers import max_rel_err, worst_param
 from oracle_rnn import module_highway
 
 # (module, num_layers, bidirectional, batch_first, h0 given, dropout, loss at every step)
@@ -282,3 +282,25 @@ def test_string_backend_traces_rnn_modules():
     assert max_rel_err(_grads(m, x, hx), want) < 1e-10
     report = string_backend(iters=1, codegen="eager").reports[-1]
     assert [s.length for s in report.streams] == [T]
+
+
+@pytest.mark.parametrize("name", ["gru-2-bidir-dropout", "lstm-2-bidir"])
+def test_sequence_length_changes_one_symbolic_graph(name):
+    """Called at T = 5, 8, 11 (automatic dynamic: the second call compiles a graph with a
+    symbolic T, the third reuses it): every call is Highway-BP, equal to the oracle at k = 1,
+    and the report says the length is symbolic."""
+    model, _, _ = make(name, T=5)
+    backend = hbp_backend(iters=1, codegen="eager")
+    cm = torch.compile(copy.deepcopy(model), backend=backend)
+    for T in (5, 8, 11):
+        _, x, hx = make(name, T=T, seed=T)
+        _, want = run_oracle(model, x, hx, 1)
+        cm.zero_grad()
+        xl, hl = _leaves(x, hx)
+        torch.manual_seed(1)
+        cm(xl, hl).backward()
+        got = _grads(cm._orig_mod, xl, hl)
+        assert max_rel_err(got, want) < 1e-10, (T, worst_param(got, want))
+    assert len(backend.reports) == 2, [str(r) for r in backend.reports]
+    assert all(s.length for s in backend.reports[1].streams)
+    assert "symbolic" in str(backend.reports[1])

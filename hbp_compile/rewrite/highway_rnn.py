@@ -71,7 +71,16 @@ class Cell:
 def _linear_gates(h, x, params):
     w_ih, w_hh, *b = params
     b_ih, b_hh = b if b else (None, None)
-    return F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)
+    return _linear(x, w_ih, b_ih), _linear(h, w_hh, b_hh)
+
+
+def _linear(x, w, b):
+    """F.linear over (T, B, in) as one 2-d matmul. F.linear's 3-d path, run under torch.func,
+    reads the sizes as ints: a symbolic sequence length would be specialised (a recompile per
+    length)."""
+    y = x.flatten(0, 1) @ w.t()
+    y = y if b is None else y + b
+    return y.unflatten(0, x.shape[:2])
 
 
 class PlainCell(Cell):

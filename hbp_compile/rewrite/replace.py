@@ -134,9 +134,7 @@ def rnn_layer_problem(node: fx.Node) -> str:
         return "LSTM with proj_size (h_t = W_hr (o tanh c_t)): not supported, exact backprop"
     if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
         return "input is not a floating-point tensor"
-    if not all(isinstance(s, int) for s in val.shape):
-        return "symbolic sequence length or batch (dynamic shapes): exact backprop"
-    if val.shape[0] < 2:
+    if isinstance(val.shape[0], int) and val.shape[0] < 2:   # a symbolic T is >= 2 (Dynamo)
         return "a single time step"
     return ""
 

@@ -149,6 +149,8 @@ def choose_scan(n: int, device_type: str, scan: str = "auto") -> str:
     36 ms backward, profiled); on a GPU the doubling scan's log2(n) depth."""
     if scan != "auto":
         return scan
+    if not isinstance(n, int):          # a symbolic length: no guard on it, the long-stream form
+        return "op" if device_type == "cpu" else "log-depth"
     if n <= SEQUENTIAL_MAX.get(device_type, 8):
         return "sequential"
     return "op" if device_type == "cpu" else "log-depth"
