@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from helpers import max_rel_err, oracle, worst_param

@@ -10,8 +10,8 @@ import torch.fx as fx
 from .batching import vjp_problem
 from .blocks import Block, BlockError, excluded_by, extract_block
 from .captures import capture_fn
-from .groups import Group, Template, group_blocks, outline
-from .rules import HEAVY_OPS, GraphIndex, ResidualStep
+from .groups import Group, group_blocks, outline
+from .rules import HEAVY_OPS, GraphIndex
 from .streams import Stream, find_streams
 from .widen import widen_stream
 
@@ -31,9 +31,7 @@ class Skip:
 class Segment:
     """Consecutive blocks of one stream that become one HighwayStream call."""
 
-    stream_id: int
     blocks: list[Block]
-    templates: list[Template]
     groups: list[Group]
     kind: str
     split: str = ""             # where the stream continues after x_L through a non-residual op
@@ -148,7 +146,7 @@ def plan_streams(graph: fx.Graph, min_length: int = 2, exclude: tuple = ()):
     inner: set = set()          # nodes inside the blocks of some segment
     segments = []
     sources = {st.x0 for st in streams}
-    for sid, stream in enumerate(streams):
+    for stream in streams:
         stream, dropped = widen_stream(stream, index)
         skips += [Skip(step.node.name, why) for step, why in dropped]
         for run in _split_stream(graph, stream, index, claimed, skips, exclude):
@@ -161,7 +159,7 @@ def plan_streams(graph: fx.Graph, min_length: int = 2, exclude: tuple = ()):
             groups = group_blocks(blocks, templates)
             for g in groups:
                 g.capture = capture_fn(blocks, g, index)
-            segments.append(Segment(sid, blocks, templates, groups,
+            segments.append(Segment(blocks, groups,
                                     " + ".join(dict.fromkeys(b.step.kind for b in blocks))))
             for b in blocks:
                 claimed.update(b.body)

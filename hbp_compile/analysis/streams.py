@@ -18,11 +18,6 @@ class Stream:
     def x0(self) -> fx.Node:
         return self.steps[0].stream
 
-    @property
-    def states(self) -> list[fx.Node]:
-        """x_0, ..., x_L."""
-        return [self.x0] + [s.node for s in self.steps]
-
     def __len__(self):
         return len(self.steps)
 

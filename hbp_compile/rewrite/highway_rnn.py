@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 from .. import rnn_ops                           # noqa: F401 - registers torch.ops.hbp.*
 from .highway_stream import annotate, failures_name

@@ -221,7 +221,6 @@ class _GroupVJP:
     def _from_saved(self, spec, xs, caps, randoms, saved):
         """vjp_fns that run the partition's backward on the activations the forward saved."""
         g, P, m = self.group, self.group.partition, self.m
-        n_cap = len(self.cap_index[0])
         grad_at = {p: i for i, p in enumerate(P.diff)}     # primal position -> bw output
         x_grads = [grad_at[j] for j in range(m)]
         cap_grads = [grad_at[m + j] for j in self.diff]
