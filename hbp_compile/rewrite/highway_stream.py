@@ -428,9 +428,11 @@ class StreamFailure(Exception):
 @contextlib.contextmanager
 def failures_name(stream: str):
     """Re-raise an exception from building `stream` as StreamFailure(stream)."""
+    from torch._dynamo.exc import TorchDynamoException
+
     try:
         yield
-    except StreamFailure:
+    except (StreamFailure, TorchDynamoException):   # Dynamo's own signals (restarts) pass on
         raise
     except Exception as e:                      # noqa: BLE001 - the backend isolates the stream
         raise StreamFailure(stream, e) from e
