@@ -6,6 +6,12 @@ import json
 from typing import Optional
 
 
+def describe(e: BaseException, limit: int = 160) -> str:
+    """An exception as a report reason: its type and the first line of its message."""
+    first = str(e).splitlines()[0][:limit] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
+
+
 @dataclasses.dataclass
 class BlockReport:
     index: int                      # position l in the stream

@@ -92,6 +92,14 @@ def oracle_general(model, inputs, k, gamma=0.0, view_fn=None, **view):
     return loss, grads_of(m, xs)
 
 
+def assert_exact(model, inputs, k, tol=1e-10, **options):
+    """Compiled Highway-BP at k (>= L) equals eager autograd; returns the backend."""
+    _, want = exact(model, inputs)
+    _, got, backend = compiled(model, inputs, k, **options)
+    assert max_rel_err(got, want) < tol, worst_param(got, want)
+    return backend
+
+
 def assert_matches_general_oracle(model, inputs, k, tol=1e-10, **view):
     """Compiled Highway-BP at k equals oracle_general's, and differs from exact backprop (so
     the comparison could fail); returns the backend (for its report)."""

@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ..report import describe
+
 # Ops whose batching rules fall short inside a vmapped VJP: native_layer_norm's specialises a
 # symbolic batch size (a recompile per batch size under dynamic=True); batch norm's functional
 # form and the fused CPU attention kernel have none. Batched templates run their
@@ -46,6 +48,23 @@ def vmappable(template: fx.GraphModule):
     return run
 
 
+def _placeholder_vals(gm: fx.GraphModule) -> list:
+    return [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _vjp_at_ones(fn, args, diff):
+    """A function of the `diff` inputs of fn(*args) returning fn's VJP at ones (to trace)."""
+    def vjp(*primals):
+        def f(*ps):
+            full = list(args)
+            for j, p in zip(diff, ps):
+                full[j] = p
+            return fn(*full)
+        outs, vjp_fn = torch.func.vjp(f, *primals)
+        return vjp_fn(tuple(torch.ones_like(o) for o in outs))
+    return vjp
+
+
 def _traced_op_counts(gm: fx.GraphModule, vals, stacked, diff, n: int):
     """Op counts of the traced VJP (in the `diff` inputs) of vmap(gm) over n members, with
     the `stacked` inputs given per member and the others shared."""
@@ -53,17 +72,7 @@ def _traced_op_counts(gm: fx.GraphModule, vals, stacked, diff, n: int):
 
     args = [v.new_empty((n, *v.shape)) if s else v for v, s in zip(vals, stacked)]
     batched = torch.func.vmap(vmappable(gm), in_dims=tuple(0 if s else None for s in stacked))
-
-    def vjp(*primals):
-        def f(*ps):
-            full = list(args)
-            for j, p in zip(diff, ps):
-                full[j] = p
-            return batched(*full)
-        outs, fn = torch.func.vjp(f, *primals)
-        return fn(tuple(torch.ones_like(o) for o in outs))
-
-    traced = make_fx(vjp)(*[args[j] for j in diff])
+    traced = make_fx(_vjp_at_ones(batched, args, diff))(*[args[j] for j in diff])
     return collections.Counter(n.target for n in traced.graph.nodes if n.op == "call_function")
 
 
@@ -101,7 +110,7 @@ def _fake_mode(vals):
 def batching_problem(group) -> Optional[str]:
     """Why this group's VJP cannot be one batched computation, or None if it can."""
     gm = group.template.gm
-    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    vals = _placeholder_vals(gm)
     fake_mode = _fake_mode(vals)
     if fake_mode is None:
         return "no fake tensors to trace the batched VJP with"
@@ -118,12 +127,12 @@ def batching_problem(group) -> Optional[str]:
             return _looped_ops(gm, lambda n: _traced_op_counts(gm, vals, stacked,
                                                                range(n_x), n))
     except Exception as e:                          # noqa: BLE001 - becomes the report's reason
-        return f"vmap failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        return f"vmap failed: {describe(e)}"
 
 
 def capture_batching_problem(gm: fx.GraphModule, shared) -> Optional[str]:
     """Why a capture function (analysis.captures) cannot be differentiated vmapped, or None."""
-    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    vals = _placeholder_vals(gm)
     fake_mode = _fake_mode(vals)
     if fake_mode is None:
         return "no fake tensors to trace the batched VJP with"
@@ -133,7 +142,7 @@ def capture_batching_problem(gm: fx.GraphModule, shared) -> Optional[str]:
             return _looped_ops(gm, lambda n: _traced_op_counts(gm, vals, [not s for s in shared],
                                                                diff, n))
     except Exception as e:                          # noqa: BLE001
-        return f"vmap failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        return f"vmap failed: {describe(e)}"
 
 
 def vjp_problem(gm: fx.GraphModule, n_x: int = 1) -> Optional[str]:
@@ -146,7 +155,7 @@ def vjp_problem(gm: fx.GraphModule, n_x: int = 1) -> Optional[str]:
     block instead."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    vals = _placeholder_vals(gm)
     fake_mode = _fake_mode(vals)
     if fake_mode is None:
         return None
@@ -154,20 +163,13 @@ def vjp_problem(gm: fx.GraphModule, n_x: int = 1) -> Optional[str]:
     diff = [j for j, v in enumerate(vals) if isinstance(v, torch.Tensor)
             and v.dtype.is_floating_point and (j < n_x or v.requires_grad)]
 
-    def vjp(*primals):
-        def f(*ps):
-            args = list(vals)
-            for j, p in zip(diff, ps):
-                args[j] = p
-            return tuple(o for o in gm(*args) if isinstance(o, torch.Tensor)
-                         and o.dtype.is_floating_point)
-        outs, fn = torch.func.vjp(f, *primals)
-        return fn(tuple(torch.ones_like(o) for o in outs))
+    def float_outputs(*args):
+        return tuple(o for o in gm(*args)
+                     if isinstance(o, torch.Tensor) and o.dtype.is_floating_point)
 
     try:
         with fake_mode:
-            make_fx(vjp)(*[vals[j] for j in diff])
+            make_fx(_vjp_at_ones(float_outputs, vals, diff))(*[vals[j] for j in diff])
     except Exception as e:                          # noqa: BLE001 - becomes the report's reason
-        return f"torch.func cannot differentiate the block: {type(e).__name__}: " \
-            f"{str(e).splitlines()[0][:160] if str(e) else ''}"
+        return f"torch.func cannot differentiate the block: {describe(e)}"
     return None

@@ -33,9 +33,10 @@ ABSORBED_OPS = {
 class BlockError(Exception):
     """A block the pass cannot outline; the message says why (it goes into the report)."""
 
-    def __init__(self, node: fx.Node, reason: str):
+    def __init__(self, node: fx.Node, reason: str, wanted: bool = False):
         super().__init__(f"{node.name}: {reason}")
         self.node, self.reason = node, reason
+        self.wanted = wanted            # the user asked for it (exclude=)
 
 
 @dataclasses.dataclass

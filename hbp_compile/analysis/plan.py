@@ -67,7 +67,7 @@ def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips:
             blk = extract_block(step, index)
             matched = excluded_by(blk, exclude) if exclude else None
             if matched:
-                raise BlockError(blk.body[0], f"kept exact by exclude={matched}")
+                raise BlockError(blk.body[0], f"kept exact by exclude={matched}", wanted=True)
             overlap = next((n for n in blk.body if n in claimed), None)
             if overlap is not None:
                 raise BlockError(overlap, "block overlaps a stream rewritten already "
@@ -79,8 +79,7 @@ def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips:
                 raise BlockError(blk.body[0], problems[tpl.signature])
             blocks.append((blk, tpl))
         except BlockError as e:
-            skips.append(Skip(step.node.name, f"block {l} of the stream: {e.reason}",
-                              wanted=e.reason.startswith("kept exact by exclude")))
+            skips.append(Skip(step.node.name, f"block {l} of the stream: {e.reason}", e.wanted))
             blocks.append(None)
     owner = {}
     for l, bt in enumerate(blocks):

@@ -9,8 +9,9 @@ function as it stands. The paper moves the statistics into the block:
 Exact backprop is unchanged (the total derivative is the same), and the pointwise rule then
 finds the step. Only the backward uses this algebra: a stream's forward computes x_{l+1} with
 native_layer_norm(x + z) as the exact compile does (groups.py: the residual's forward form),
-so the forward's numbers stay the exact compile's to the bit. Norms that end up in no stream are put back as native_layer_norm, so an exact
-region of the graph runs the kernel it always ran.
+so the forward's numbers stay the exact compile's to the bit. Norms that end up in no stream
+are put back as native_layer_norm, so an exact region of the graph runs the kernel it always
+ran.
 """
 from __future__ import annotations
 

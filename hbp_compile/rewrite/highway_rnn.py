@@ -25,13 +25,14 @@ import torch
 
 from .. import rnn_ops                           # noqa: F401 - registers torch.ops.hbp.*
 from .highway_stream import annotate, failures_name
+from .scan import reverse_scan_op
 
 
 def scan_over_time(a, k, form):
     """g_t = a_t + k_t g_{t+1}: one opaque op (see rnn_ops.reverse_linear_scan for why);
     a may be a pair (e, v): e (T + 1, ...) plus v (T, ...) on its first rows."""
     e, v = a if isinstance(a, tuple) else (a, None)
-    return torch.ops.hbp.reverse_linear_scan(e, k.expand(e.shape[0] - 1, *e.shape[1:]), form, v)
+    return reverse_scan_op(e, k, form, v)
 
 
 def _dense(a):

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from ..analysis.batching import vmappable
+from ..report import describe
 from .batch import run_batched
 from .partition import Partition
 from .scan import reverse_matrix_scan, reverse_matrix_scan_sequential, reverse_scan
@@ -49,6 +50,11 @@ class CaptureSpec:
     outputs: tuple[tuple, ...]          # per value: its ("cap" | "rcap", j) positions
     fn_ops: int = 0                     # for the report
     sources: tuple = ()                 # per leaf: (src cap index, dim, index per member) or None
+
+    def positions(self, kind: str) -> set:
+        """The capture positions of one kind ("cap" or "rcap") that hold the function's values:
+        their gradients go on to its inputs, not to the captured nodes."""
+        return {j for pos in self.outputs for k, j in pos if k == kind}
 
 
 @dataclasses.dataclass
@@ -421,7 +427,7 @@ class StreamFailure(Exception):
     it): the backend leaves that stream exact and compiles the rest."""
 
     def __init__(self, stream: str, cause: Exception):
-        super().__init__(f"{stream}: {type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''}")
+        super().__init__(f"{stream}: {describe(cause, 200)}")
         self.stream, self.cause = stream, cause
 
 
@@ -592,13 +598,11 @@ class HighwayStream(torch.autograd.Function):
             _, per, rper = vjp(cot_y, cot_s, final=True, hbp_stream=spec.name,
                                hbp_round="final", hbp_group=gi)
             cs = vjp.group.capture
-            skip = {kind: {j for pos in cs.outputs for k, j in pos if k == kind}
-                    for kind in ("cap", "rcap")} if cs is not None else {"cap": (), "rcap": ()}
             _accumulate_grads(vjp, per, vjp.cap_index, vjp.shared, vjp.diff, accumulate,
-                              skip["cap"])
+                              cs.positions("cap") if cs is not None else ())
             if vjp.rdiff:
                 _accumulate_grads(vjp, rper, vjp.rcap_index, vjp.rshared, vjp.rdiff, accumulate,
-                                  skip["rcap"])
+                                  cs.positions("rcap") if cs is not None else ())
             if cs is not None:
                 with annotate(hbp_stream=spec.name, hbp_capture=gi):
                     _capture_vjp(vjp, cs, per[0], rper[0], caps, needs_grad, accumulate)

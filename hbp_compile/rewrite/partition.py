@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ..report import describe
 from .fold import NORM_OUTPUT, fold_norm_affine
 
 aten = torch.ops.aten
@@ -279,8 +280,7 @@ def partition_group(group, side_differentiable: list[bool], fold: bool = True) -
     try:
         part = partition(t.gm, diff_outputs, t.n_x, fold)
     except Exception as e:                          # noqa: BLE001 - becomes the report's reason
-        group.recompute_reason = f"could not split fw/bw: {type(e).__name__}: " \
-            f"{str(e).splitlines()[0][:160] if str(e) else ''}"
+        group.recompute_reason = f"could not split fw/bw: {describe(e)}"
         return None
     if part is None:
         group.recompute_reason = "symbolic sizes: the backward recomputes the forward"

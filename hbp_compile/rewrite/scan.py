@@ -111,6 +111,15 @@ def reverse_linear_scan_chunked(a: torch.Tensor, k, chunk: int = 0) -> torch.Ten
     return g.flatten(0, 1)[:n]
 
 
+def reverse_scan_op(a: torch.Tensor, k: torch.Tensor, form: str = "log-depth",
+                    v=None) -> torch.Tensor:
+    """g_l = a_l (+ v_l) + k_l g_{l+1} as ONE opaque op (rnn_ops.reverse_linear_scan); k is
+    broadcast to (n - 1, *x.shape); `form` is what the op runs where it does not run the
+    recurrence in place (a GPU); v (n - 1 rows) is added to a's first rows inside."""
+    from .. import rnn_ops                          # noqa: F401 - registers torch.ops.hbp.*
+    return torch.ops.hbp.reverse_linear_scan(a, k.expand(a.shape[0] - 1, *a.shape[1:]), form, v)
+
+
 def reverse_scan(a: torch.Tensor, k, form: str) -> torch.Tensor:
     """g_l = a_l + k_l g_{l+1} in the form choose_scan picked; k a tensor (diagonal K_l, as in
     reverse_linear_scan) or a float (K = k I; 0 is no scan, 1 a reverse sum)."""
@@ -118,11 +127,8 @@ def reverse_scan(a: torch.Tensor, k, form: str) -> torch.Tensor:
     if scalar and k == 0.0:
         return a
     if form == "op":
-        from .. import rnn_ops                      # noqa: F401 - registers torch.ops.hbp.*
         k = a.new_full((1,) * a.dim(), k) if scalar else k.to(a.dtype)
-        # the op's own form, for where it does not run the recurrence in place (a GPU)
-        return torch.ops.hbp.reverse_linear_scan(a, k.expand(a.shape[0] - 1, *a.shape[1:]),
-                                                 "log-depth")
+        return reverse_scan_op(a, k)
     if form == "sequential":
         return reverse_linear_scan_sequential(a, k)
     if form == "chunked":
@@ -149,9 +155,8 @@ def choose_scan(n: int, device_type: str, scan: str = "auto") -> str:
     36 ms backward, profiled); on a GPU the doubling scan's log2(n) depth."""
     if scan != "auto":
         return scan
-    if not isinstance(n, int):          # a symbolic length: no guard on it, the long-stream form
-        return "op" if device_type == "cpu" else "log-depth"
-    if n <= SEQUENTIAL_MAX.get(device_type, 8):
+    # a symbolic length is compared with nothing (no guard): it takes the long-stream form
+    if isinstance(n, int) and n <= SEQUENTIAL_MAX.get(device_type, 8):
         return "sequential"
     return "op" if device_type == "cpu" else "log-depth"
 
