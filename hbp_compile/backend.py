@@ -13,6 +13,7 @@ import torch.fx as fx
 from .analysis.batching import batching_problem
 from .analysis.plan import Segment, plan_streams
 from .analysis.post_norm import restore_post_norms, split_post_norms
+from .analysis.views import VIEWS, push_views_off_streams
 from .capture import functional_aten_graph, joint_graph, restore_native_batch_norm
 from .capture_rnn import enable_rnn_tracing, lower_rnn_modules
 from .codegen import compile_graph, count_block_vjps
@@ -159,8 +160,9 @@ class HBPBackend:
         if cfg.dump_dir is not None:
             report.graphs["joint_original"] = _try(joint_graph, agm, example_inputs)
         post_norms = split_post_norms(agm.graph)
+        push_views_off_streams(agm.graph)
         segments, skips, report.residual_steps = plan_streams(agm.graph, cfg.min_length,
-                                                              cfg.exclude)
+                                                              cfg.exclude, cfg.recompute)
         report.skipped += [SkipReport(s.node, s.reason) for s in skips]
         problems = [s for s in skips if not s.wanted]
         if cfg.strict and problems:
@@ -360,4 +362,10 @@ def _stream_report(name, seg: Segment, spec, batched, reasons) -> StreamReport:
                         x0=seg.x0.name, blocks=blocks, groups=groups,
                         injections=sorted({l for l, _ in spec.state_outputs if l < spec.length}),
                         side_outputs=sum(len(b.side_outputs) for b in seg.blocks), scan=scan,
-                        split=seg.split)
+                        split=seg.split, views=_views(seg))
+
+
+def _views(seg: Segment) -> dict:
+    """Block l -> the view ops its residual add was moved through (analysis/views.py)."""
+    return {l: list(b.step.node.meta[VIEWS]) for l, b in enumerate(seg.blocks)
+            if VIEWS in b.step.node.meta}

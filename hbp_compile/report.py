@@ -55,6 +55,7 @@ class StreamReport:
     vjps_per_round: dict = dataclasses.field(default_factory=dict)   # filled from the bw graph
     split: str = ""                 # where the chain goes on through a non-residual step
     source: str = ""                # what the stream is in the model (an RNN module's layer)
+    views: dict = dataclasses.field(default_factory=dict)   # block l -> views its add went through
 
 
 @dataclasses.dataclass
@@ -135,6 +136,10 @@ class GraphReport:
                 where = b.module_path or "?"
                 lines.append(f"    block {b.index:>3} group {b.group}  {where:<28} "
                              f"%{b.first} .. %{b.last} ({b.n_ops} ops)")
+            if s.views:
+                lines.append(f"    stream continues through views at block(s) "
+                             f"{_ranges(sorted(s.views))} (the add reads x_l, its block starts "
+                             f"with the view: {', '.join(dict.fromkeys(v for vs in s.views.values() for v in vs))})")
             if s.split:
                 lines.append(f"    {s.split}")
             if s.vjps_per_round:

@@ -65,6 +65,19 @@ def _vjp_at_ones(fn, args, diff):
     return vjp
 
 
+def _grad_at_ones(fn, args, diff):
+    """_vjp_at_ones with torch.autograd.grad (how rewrite/partition.py differentiates)."""
+    def grad(*primals):
+        full, ps = list(args), [p.detach().requires_grad_() for p in primals]
+        for j, p in zip(diff, ps):
+            full[j] = p
+        with torch.enable_grad():
+            outs = [o for o in fn(*full) if o.requires_grad]
+            return torch.autograd.grad(outs, ps, [torch.ones_like(o) for o in outs],
+                                       allow_unused=True) if outs else ()
+    return grad
+
+
 def _traced_op_counts(gm: fx.GraphModule, vals, stacked, diff, n: int):
     """Op counts of the traced VJP (in the `diff` inputs) of vmap(gm) over n members, with
     the `stacked` inputs given per member and the others shared."""
@@ -145,14 +158,15 @@ def capture_batching_problem(gm: fx.GraphModule, shared) -> Optional[str]:
         return f"vmap failed: {describe(e)}"
 
 
-def vjp_problem(gm: fx.GraphModule, n_x: int = 1) -> Optional[str]:
-    """Why torch.func cannot differentiate a block template, or None.
+def vjp_problem(gm: fx.GraphModule, n_x: int = 1, recompute: bool = False) -> Optional[str]:
+    """Why the backward cannot differentiate a block template, or None.
 
-    The backward differentiates templates with torch.func.vjp (and vmap). A custom op whose
-    autograd formula is an autograd.Function without setup_context (transformers' grouped-mm
-    fallback in Mixtral's experts), or an op without a derivative for some input, fails there,
-    and it would fail the whole graph at compile time: found here, it cuts the stream at that
-    block instead."""
+    Saved-activation groups differentiate a template once, with torch.autograd.grad as
+    AOTAutograd does (rewrite/partition.py); recomputed ones (recompute=True, symbolic sizes)
+    with torch.func.vjp, which also rejects a custom op whose derivative is an
+    autograd.Function without setup_context (transformers' grouped-mm fallback in Mixtral's
+    experts). An op without a derivative fails either way, and it would fail the whole graph
+    at compile time: found here, it cuts the stream at that block instead."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     vals = _placeholder_vals(gm)
@@ -162,6 +176,10 @@ def vjp_problem(gm: fx.GraphModule, n_x: int = 1) -> Optional[str]:
     # x, and the inputs a gradient is asked of (parameters and what reads them; not buffers)
     diff = [j for j, v in enumerate(vals) if isinstance(v, torch.Tensor)
             and v.dtype.is_floating_point and (j < n_x or v.requires_grad)]
+    symbolic = any(not isinstance(s, int) for v in vals if isinstance(v, torch.Tensor)
+                   for s in v.shape)
+    at_ones = _vjp_at_ones if recompute or symbolic else _grad_at_ones
+    how = "torch.func" if recompute or symbolic else "autograd"
 
     def float_outputs(*args):
         return tuple(o for o in gm(*args)
@@ -169,7 +187,7 @@ def vjp_problem(gm: fx.GraphModule, n_x: int = 1) -> Optional[str]:
 
     try:
         with fake_mode:
-            make_fx(_vjp_at_ones(float_outputs, vals, diff))(*[vals[j] for j in diff])
+            make_fx(at_ones(float_outputs, vals, diff))(*[vals[j] for j in diff])
     except Exception as e:                          # noqa: BLE001 - becomes the report's reason
-        return f"torch.func cannot differentiate the block: {describe(e)}"
+        return f"{how} cannot differentiate the block: {describe(e)}"
     return None

@@ -82,6 +82,10 @@ def _copy_body(block: Block, draw: bool) -> fx.GraphModule:
         if node in masks:
             env[node] = masks[node]
             continue
+        if node.target is aten.copy.default:          # no derivative in autograd (functional)
+            env[node] = graph.call_function(copy_values, (env[node.args[0]], env[node.args[1]]))
+            env[node].meta.update(node.meta)
+            continue
         env[node] = graph.node_copy(node, lambda a: env[a])
         if env[node].target in _VIEW_TO_RESHAPE:
             env[node].target = aten.reshape.default
@@ -97,6 +101,13 @@ def apply_dropout_mask(x, mask, p):
     it (the CPU one as x.mul(mask).mul_(scale)), and the mask."""
     scale = 0.0 if p == 1 else 1.0 / (1.0 - p)
     return x * mask * scale, mask
+
+
+def copy_values(dst, src):
+    """aten.copy(dst, src), the functional form of dst.copy_(src), in ops autograd can
+    differentiate: src's values, broadcast to dst's shape in dst's dtype and device (RWKV's
+    state update writes into a slice of a buffer this way)."""
+    return src.to(device=dst.device, dtype=dst.dtype).expand_as(dst).clone()
 
 
 def _drawn(graph: fx.Graph, env: dict, rnd: fx.Node) -> fx.Node:

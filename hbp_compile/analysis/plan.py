@@ -57,7 +57,7 @@ def _owner_positions(graph: fx.Graph, owner: dict[fx.Node, int]) -> dict[fx.Node
 
 
 def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips: list[Skip],
-                  exclude: tuple = ()):
+                  exclude: tuple = (), recompute: bool = False):
     """(block, template) runs of a stream, cut where a block cannot be outlined or
     differentiated, or reads an earlier block."""
     blocks: list = []
@@ -74,7 +74,7 @@ def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips:
                                           "(a residual add nested inside another block)")
             tpl = outline(blk)
             if tpl.signature not in problems:
-                problems[tpl.signature] = vjp_problem(tpl.gm, tpl.n_x)
+                problems[tpl.signature] = vjp_problem(tpl.gm, tpl.n_x, recompute)
             if problems[tpl.signature]:
                 raise BlockError(blk.body[0], problems[tpl.signature])
             blocks.append((blk, tpl))
@@ -136,7 +136,8 @@ def _why_short(last: Block, sources: set) -> str:
             f"after the residual add that is not a residual function the pass knows)")
 
 
-def plan_streams(graph: fx.Graph, min_length: int = 2, exclude: tuple = ()):
+def plan_streams(graph: fx.Graph, min_length: int = 2, exclude: tuple = (),
+                 recompute: bool = False):
     """Find the streams of a graph and plan their segments; returns (segments, skips, n_steps)."""
     index = GraphIndex(graph)
     streams, unlinked = find_streams(graph, index)
@@ -148,7 +149,7 @@ def plan_streams(graph: fx.Graph, min_length: int = 2, exclude: tuple = ()):
     for stream in streams:
         stream, dropped = widen_stream(stream, index)
         skips += [Skip(step.node.name, why) for step, why in dropped]
-        for run in _split_stream(graph, stream, index, claimed, skips, exclude):
+        for run in _split_stream(graph, stream, index, claimed, skips, exclude, recompute):
             blocks, templates = [b for b, _ in run], [t for _, t in run]
             if len(blocks) < min_length:
                 skips.append(Skip(blocks[0].step.node.name,

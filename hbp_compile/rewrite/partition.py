@@ -139,21 +139,30 @@ def trace_joint(template: fx.GraphModule, vals: list, diff: list[int], out_diff:
     n_p = len(vals)
 
     def joint(*args):
-        primals, cots = args[:n_p], args[n_p:]
-
-        def f(*d):
-            full = list(primals)
-            for i, t in zip(diff, d):
-                full[i] = t
-            outs = template(*full)
-            return tuple(outs[i] for i in out_diff), tuple(outs)
-
-        _, fn, outs = torch.func.vjp(f, *[primals[i] for i in diff], has_aux=True)
-        return (*outs, *fn(tuple(cots)))
+        # torch.autograd.grad, as AOTAutograd builds its joint graphs: a custom op whose
+        # derivative is registered through torch.library (Mixtral's grouped-mm fallback) has
+        # a formula here, where torch.func.vjp rejects its autograd.Function
+        primals, cots = list(args[:n_p]), args[n_p:]
+        for i in diff:
+            primals[i] = primals[i].detach().requires_grad_()
+        with torch.enable_grad():
+            outs = template(*primals)
+            pairs = [(outs[i], c) for i, c in zip(out_diff, cots) if outs[i].requires_grad]
+            grads = torch.autograd.grad([o for o, _ in pairs], [primals[i] for i in diff],
+                                        [c for _, c in pairs], allow_unused=True,
+                                        materialize_grads=True) if pairs else \
+                [torch.zeros_like(primals[i]) for i in diff]
+        return (*[o.detach() for o in outs], *grads)
 
     out_vals = [n.meta.get("val") for n in template.graph.output_node().args[0]]
     cots = [out_vals[i].new_empty(out_vals[i].shape) for i in out_diff]
-    return make_fx(joint)(*vals, *cots)
+    gm = make_fx(joint)(*vals, *cots)
+    for n in list(gm.graph.nodes):          # autograd's detaches are values as they are
+        if n.target is aten.detach.default:
+            n.replace_all_uses_with(n.args[0])
+            gm.graph.erase_node(n)
+    gm.recompile()
+    return gm
 
 
 def split_joint(joint: fx.GraphModule, n_p: int, n_out: int, n_x: int):
