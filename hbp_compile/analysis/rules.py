@@ -63,6 +63,7 @@ class GraphIndex:
 
     def __init__(self, graph: fx.Graph):
         self.pos = {n: i for i, n in enumerate(graph.nodes)}
+        self.step_outputs: set = set()      # x_{l+1} of the steps found so far (graph order)
 
     def depends_on(self, node: fx.Node, target: fx.Node) -> bool:
         """True if `node` reads `target` transitively (DFS cut off below target's position)."""
@@ -196,6 +197,53 @@ def elementwise_residual(node: fx.Node, index: GraphIndex) -> Optional[ResidualS
     return None
 
 
+PROJECTION = "projection"
+MAX_SOURCE_SEARCH = 400          # ancestors searched for the x_l of a projection step
+
+
+def _ancestors(node: fx.Node, limit: int = MAX_SOURCE_SEARCH) -> set:
+    """Up to `limit` transitive inputs of node, nearest first."""
+    seen, frontier = set(), [node]
+    while frontier and len(seen) < limit:
+        frontier = [i for n in frontier for i in n.all_input_nodes if i not in seen]
+        seen.update(frontier)
+    return seen
+
+
+def projection_residual(node: fx.Node, index: GraphIndex) -> Optional[ResidualStep]:
+    """x_{l+1} = r(f(x_l), P(x_l)) with r pointwise and both sides of the add transforming
+    x_l: a projection shortcut P (ResNet's 1x1 convolution + BatchNorm downsampling) beside the
+    block f. The block computes both (zs = f(x_l), P(x_l)); x_l is the latest value both read,
+    and may have another shape than x_{l+1}. r reads no x_l: K_l = 0, and the shortcut's VJP
+    runs with the block's in every round."""
+    if not _pointwise(node):
+        return None
+    cone = _pointwise_cone(node)
+    if len(cone) > MAX_RESIDUAL_NODES:
+        return None
+    leaves = sorted({i for n in cone for i in n.all_input_nodes if i not in cone},
+                    key=index.pos.__getitem__)
+    sides = [l for l in leaves if tensor_meta(l) is not None and l.op == "call_function"
+             and tensor_meta(l).dtype.is_floating_point]
+    # the add of the two transformed copies of x_l
+    if len(sides) < 2 or not any(n.target is aten.add.Tensor and all(a in sides for a in n.args)
+                                 for n in cone):
+        return None
+    common = set.intersection(*[_ancestors(s) for s in sides])
+    out = tensor_meta(node)
+    x = max((c for c in common if tensor_meta(c) is not None and tensor_meta(c).ndim == out.ndim
+             and tensor_meta(c).dtype == out.dtype), key=index.pos.__getitem__, default=None)
+    # x_l must be the previous step's output (steps are matched in graph order), so that the
+    # chain links through the projection; a norm or activation both sides read is no x_l
+    if x is None or x not in index.step_outputs or \
+            not any(_has_heavy_op(z, x, index) for z in sides):
+        return None
+    zs = tuple(l for l in sides if index.depends_on(l, x))
+    caps = tuple(l for l in leaves if l not in zs)
+    ordered = tuple(sorted(cone, key=index.pos.__getitem__))
+    return ResidualStep(node, x, zs, f"{PROJECTION} ({_kind_name(ordered)})", ordered, caps)
+
+
 def _kind_name(residual) -> str:
     """"relu-after-add" (post-activation ResNet), else "gated": K_l comes from block outputs."""
     names = [getattr(n.target, "__name__", str(n.target)).split(".")[0] for n in residual]
@@ -216,4 +264,6 @@ def match_residual_step(node: fx.Node, index: GraphIndex) -> Optional[ResidualSt
     rule = RULES.get(node.target)
     steps = [s for s in (rule(node, index) if rule is not None else None,
                          elementwise_residual(node, index)) if s is not None]
-    return min(steps, key=lambda s: index.pos[s.stream]) if steps else None
+    if not steps:
+        return projection_residual(node, index)
+    return min(steps, key=lambda s: index.pos[s.stream])

@@ -29,6 +29,7 @@ def find_residual_steps(graph: fx.Graph, index: GraphIndex) -> list[ResidualStep
         step = match_residual_step(node, index)
         if step is not None:
             steps.append(step)
+            index.step_outputs.add(step.node)
     return steps
 
 

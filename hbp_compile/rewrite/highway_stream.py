@@ -99,6 +99,8 @@ class StreamSpec:
     scan: str = "log-depth"              # "sequential" or "log-depth" (scan.choose_scan)
     width: int = 1                       # components of x_l (2 for an LSTM's (c, h))
     residual_caps: tuple = ()            # block l's residual-function captures (indices)
+    projections: frozenset = frozenset()  # steps l with a projection shortcut: K_l = 0, and
+                                         # x_{l+1} may have another shape than x_l
 
     @property
     def identity(self) -> bool:
@@ -213,7 +215,7 @@ class _GroupVJP:
         self.m = spec.width
         self.shared, self.rshared = (), ()
         if g.partition is not None:
-            zs = self._from_saved(spec, xs, caps, randoms, saved)
+            zs = self._from_saved(spec, xs, caps, randoms, saved, gi)
         else:
             zs = self._recomputed(spec, xs, caps, randoms)
         outs = g.template.graph.output_node().args[0]
@@ -224,11 +226,15 @@ class _GroupVJP:
     def _member_args(self, spec, l, xs, caps, randoms):
         return [*xs[l], *[caps[i] for i in spec.block_caps[l]], *randoms[l]]
 
-    def _from_saved(self, spec, xs, caps, randoms, saved):
+    def _from_saved(self, spec, xs, caps, randoms, saved, gi):
         """vjp_fns that run the partition's backward on the activations the forward saved."""
         g, P, m = self.group, self.group.partition, self.m
         grad_at = {p: i for i, p in enumerate(P.diff)}     # primal position -> bw output
         x_grads = [grad_at[j] for j in range(m)]
+        missing = [j for j in self.diff if m + j not in grad_at]
+        if missing:                     # an op takes it as a non-differentiable argument
+            raise RuntimeError(f"captures {missing} of group {gi} need a gradient that the "
+                               f"block's saved-activation backward does not compute")
         cap_grads = [grad_at[m + j] for j in self.diff]
         n_act = P.n_saved
         if not g.batched:
@@ -422,6 +428,49 @@ def _scatter_rows(g: torch.Tensor, src: torch.Tensor, dim: int, index) -> torch.
     return src.new_zeros(src.shape, dtype=g.dtype).index_add(dim, rows, g)
 
 
+def _per_position(spec: StreamSpec, xs, inject, vjps, decay: float):
+    """rows, scan and assemble for a stream whose states change shape at projection steps:
+    g_l is one tensor per position, and the scan runs position by position (a ResNet's
+    stream is tens of blocks long). A projection step's K_l is 0 (r reads only the block's
+    outputs): its g_l is its A_l alone."""
+    L = spec.length
+    K = [None] * L                                   # diagonal K_l; None: the identity
+    for v in vjps:
+        if v.group.residual is not None:
+            for i, l in enumerate(v.members):
+                K[l] = v.K[i]
+    e = [inject[l][0] if inject[l][0] is not None else torch.zeros_like(xs[l][0])
+         for l in range(L)] + [inject[L][0]]
+
+    def rows(G, idx):
+        return stack([G[l] for l in idx])
+
+    def assemble(parts, G=None):
+        """A_l = e_l + the block VJPs at l (+ gamma K_l g_{l+1} of the last round)."""
+        A = list(e)
+        for members, v in parts:
+            for i, l in enumerate(members):
+                A[l] = A[l] + v[i].to(A[l].dtype)
+        if spec.gamma and G is not None:
+            for l in range(L):
+                if l not in spec.projections:
+                    A[l] = A[l] + spec.gamma * (G[l + 1] if K[l] is None else K[l] * G[l + 1])
+        return A
+
+    def scan(A):
+        """g_l = (1 - gamma) K_l g_{l+1} + A_l, from g_L = A_L down."""
+        G = [None] * L + [A[L]]
+        for l in reversed(range(L)):
+            if l in spec.projections:
+                G[l] = A[l]
+            else:
+                kg = G[l + 1] if K[l] is None else K[l] * G[l + 1]
+                G[l] = A[l] + (kg if decay == 1.0 else decay * kg)
+        return G
+
+    return rows, scan, assemble
+
+
 class StreamFailure(Exception):
     """Building one stream's Highway-BP forward or backward failed (while AOTAutograd traces
     it): the backend leaves that stream exact and compiles the rest."""
@@ -540,13 +589,16 @@ class HighwayStream(torch.autograd.Function):
                 for gi in range(len(spec.groups))]
 
         def group_cotangents(G, vjp):
-            cot_y = _rows(G, [l + 1 for l in vjp.members])
+            cot_y = rows(G, [l + 1 for l in vjp.members])
             n_sides = len(vjp.out_diff) - vjp.group.n_z
             cot_s = [stack([side_cot[l][i] for l in vjp.members]) for i in range(n_sides)]
             return cot_y, cot_s
 
         decay = 1.0 - spec.gamma
-        if spec.identity:
+        rows = _rows
+        if spec.projections:            # states of several shapes: one tensor per position
+            rows, scan, assemble = _per_position(spec, xs, inject, vjps, decay)
+        elif spec.identity:
             K = None
 
             def scan(A):                # a sequential reverse sum is L fused adds (aten's
@@ -567,7 +619,9 @@ class HighwayStream(torch.autograd.Function):
                 return matrix_scan(A, decay * K)
 
         with annotate(hbp_stream=spec.name, hbp_scan=0):
-            if only_last and K is None and decay == 1.0:        # every g^0_l is e_L
+            if spec.projections:
+                G = scan(assemble([]))
+            elif only_last and K is None and decay == 1.0:      # every g^0_l is e_L
                 G = e_last.unsqueeze(0).expand(L + 1, *e_last.shape)
             else:
                 G = scan(E if E is not None else injections())
@@ -577,6 +631,10 @@ class HighwayStream(torch.autograd.Function):
                 cot_y, cot_s = group_cotangents(G, vjp)
                 v, _, _ = vjp(cot_y, cot_s, hbp_stream=spec.name, hbp_round=r, hbp_group=gi)
                 parts.append((vjp.members, v))
+            if spec.projections:
+                with annotate(hbp_stream=spec.name, hbp_scan=r):
+                    G = scan(assemble(parts, G))
+                continue
             A = _blocks_to_stream(parts, L, e_last) if E is None else \
                 _blocks_to_stream(parts, L, zero) + E
             if spec.gamma:                                       # gamma split: + gamma K g_{l+1}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import re
 from typing import Optional
 
 import torch
@@ -235,11 +236,51 @@ def partition(template: fx.GraphModule, diff_outputs: list[int], n_x: int = 1,
         return None                                     # symbolic sizes: recompute instead
     diff = [i for i, v in enumerate(vals) if v.dtype.is_floating_point]
     n_out = len(template.graph.output_node().args[0])
-    with fake_mode:
-        joint = trace_joint(template, vals, diff, diff_outputs)
+    joint = None
+    while joint is None:
+        try:
+            with fake_mode:
+                joint = trace_joint(template, vals, diff, diff_outputs)
+        except RuntimeError as e:
+            # an input that some op takes as a non-differentiable argument (BatchNorm's running
+            # statistics, the CPU flash-attention kernel's mask) gets no gradient; a capture
+            # that needs one then fails loudly in the backward (no gradient at that position)
+            fixed = _non_differentiable(template, str(e))
+            if not fixed & set(diff):
+                raise
+            diff = [i for i in diff if i not in fixed]
     fw, bw, bw_params, n_saved = split_joint(joint, len(vals), n_out, n_x)
     folded = fold_norm_affine(bw_params) if fold else 0
     return Partition(fw, bw, bw_params, n_out, n_saved, tuple(diff), tuple(diff_outputs), folded)
+
+
+_NOT_DIFFERENTIABLE = re.compile(r"function '(\w+)' is not differentiable with respect to "
+                                 r"argument '(\w+)'")
+
+
+def _non_differentiable(template: fx.GraphModule, message: str) -> set:
+    """Placeholder positions that autograd's error message names as an op's argument with no
+    derivative (directly, or through views)."""
+    m = _NOT_DIFFERENTIABLE.search(message)
+    if m is None:
+        return set()
+    op_name, arg = m.groups()
+    places = list(template.graph.find_nodes(op="placeholder"))
+    found = set()
+    for n in template.graph.nodes:
+        if not isinstance(n.target, torch._ops.OpOverload) or \
+                n.target._schema.name.split("::")[-1] != op_name:
+            continue
+        for i, a in enumerate(n.target._schema.arguments):
+            if a.name != arg:
+                continue
+            value = n.args[i] if i < len(n.args) else n.kwargs.get(arg)
+            while isinstance(value, fx.Node) and value.op != "placeholder" and \
+                    _is_view(value):
+                value = value.args[0]
+            if isinstance(value, fx.Node) and value.op == "placeholder":
+                found.add(places.index(value))
+    return found
 
 
 _LIKE_OPS = {aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default,
