@@ -21,7 +21,7 @@ from .config import HBPConfig
 from .debug import dump_report, readable
 from .logs import enabled as log_enabled
 from .logs import log
-from .report import BlockReport, GraphReport, GroupReport, SkipReport, StreamReport
+from .report import BlockReport, GraphReport, GroupReport, SkipReport, StreamReport, _ranges
 from .rewrite.highway_rnn import RNNSpec
 from .rewrite.highway_stream import StreamFailure
 from .rewrite.partition import partition_group
@@ -57,6 +57,8 @@ class HBPBackend:
     def __init__(self, config: HBPConfig):
         self.config = config
         self.reports: list[GraphReport] = []
+        from torch._dynamo.utils import counters
+        self._breaks_seen = dict(counters["graph_break"])
         if config.rnn_modules:
             enable_rnn_tracing()
 
@@ -69,6 +71,7 @@ class HBPBackend:
             "iters": cfg.iters, "gamma": cfg.gamma, "codegen": cfg.codegen,
             "batched": cfg.batched, "recompute": cfg.recompute, "cache_key": cfg.cache_key()})
         self.reports.append(report)
+        report.graph_breaks = self._new_graph_breaks()
         report.timings["dynamo_trace_s"] = _dynamo_trace_seconds()
         t0 = time.perf_counter()
         try:
@@ -80,6 +83,15 @@ class HBPBackend:
         log.info("%s", report)
         self._dump(report)
         return compiled
+
+    def _new_graph_breaks(self) -> list[str]:
+        """Dynamo's graph-break reasons since the previous graph: the breaks that end this one
+        (a stream cut by a break is two streams, or none)."""
+        from torch._dynamo.utils import counters
+        now = counters["graph_break"]
+        new = [r for r, n in now.items() if n > self._breaks_seen.get(r, 0)]
+        self._breaks_seen = dict(now)
+        return new
 
     def _compile(self, gm: fx.GraphModule, example_inputs, report: GraphReport):
         """Rewrite and compile; on any failure, compile `gm` as it is (exact backprop)."""
@@ -161,8 +173,9 @@ class HBPBackend:
             report.graphs["joint_original"] = _try(joint_graph, agm, example_inputs)
         post_norms = split_post_norms(agm.graph)
         push_views_off_streams(agm.graph)
-        segments, skips, report.residual_steps = plan_streams(agm.graph, cfg.min_length,
-                                                              cfg.exclude, cfg.recompute)
+        segments, skips, report.residual_steps = plan_streams(
+            agm.graph, cfg.min_length, cfg.exclude, cfg.recompute,
+            (cfg.exact_first, cfg.exact_last))
         report.skipped += [SkipReport(s.node, s.reason) for s in skips]
         problems = [s for s in skips if not s.wanted]
         if cfg.strict and problems:
@@ -345,6 +358,9 @@ def _stream_report(name, seg: Segment, spec, batched, reasons) -> StreamReport:
               for gi, g in enumerate(seg.groups)]
     if spec.gamma == 1:
         scan = "none (gamma=1: fixed-point iteration)"
+    elif spec.projections:
+        scan = (f"sequential, one state per position (x_l changes shape at projection step(s) "
+                f"{_ranges(sorted(spec.projections))}, whose dense K_l^T is the shortcut's VJP)")
     elif spec.width > 1:
         m = spec.width
         scan = f"{spec.scan} scan with {m}x{m} K_l = dr/dx_l per coordinate (x_l has {m} " \

@@ -28,6 +28,8 @@ class HBPConfig:
     inductor_options: tuple = ()    # Inductor config patches, (key, value) pairs (a dict is accepted)
     rnn_modules: bool = True        # trace nn.RNN/GRU/LSTM (Dynamo's allow_rnn, for hbp frames only)
     exclude: tuple = ()             # fnmatch patterns of module paths whose blocks stay exact
+    exact_first: int = 0            # the first N blocks of every stream stay exact
+    exact_last: int = 0             # the last N blocks of every stream stay exact
     dump_dir: Optional[str] = None  # where to write graphs and reports (not in the cache key)
 
     def __post_init__(self):
@@ -45,6 +47,10 @@ class HBPConfig:
                 raise ValueError(f"hbp_backend: {name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.min_length, bool) or not isinstance(self.min_length, int) or self.min_length < 1:
             raise ValueError(f"hbp_backend: min_length must be an int >= 1, got {self.min_length!r}")
+        for name in ("exact_first", "exact_last"):
+            n = getattr(self, name)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"hbp_backend: {name} must be an int >= 0, got {n!r}")
         if self.scan not in SCANS:
             raise ValueError(f"hbp_backend: scan must be one of {SCANS}, got {self.scan!r}")
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):

@@ -74,6 +74,7 @@ class GraphReport:
     rnn_calls: int = 0              # RNN module calls traced (allow_rnn) and lowered to layers
     timings: dict = dataclasses.field(default_factory=dict)   # compile stage -> seconds
     fallback_reason: Optional[str] = None
+    graph_breaks: list = dataclasses.field(default_factory=list)  # Dynamo's, before this graph
     graphs: dict = dataclasses.field(default_factory=dict, repr=False)  # name -> GraphModule
 
     @property
@@ -147,9 +148,33 @@ class GraphReport:
                 lines.append(f"    block VJPs in the backward graph per round: {per}")
         for sk in self.skipped:
             lines.append(f"  not rewritten: %{sk.node}: {sk.reason}")
+        for reason in self.graph_breaks:
+            lines.append(f"  graph break before this graph (a stream cannot cross it): "
+                         f"{reason.splitlines()[0][:200]}")
+        hint = graph_break_hint(self.graph_breaks)
+        if hint:
+            lines.append(f"  hint: {hint}")
         if not self.streams and self.fallback_reason is None:
             lines.append("  no residual stream found: exact backprop")
         return "\n".join(lines)
+
+
+# Dynamo's words for a break at a data-dependent value (MoE routing: tokens per expert,
+# nonzero, .item(), .tolist()) and the settings that keep such ops in the graph
+_DATA_DEPENDENT = ("data dependent", "data-dependent", "dynamic shape operator", "item()",
+                   "tolist", "nonzero", "unbacked")
+
+
+def graph_break_hint(reasons: list[str]) -> str:
+    """What to set when a graph broke at a data-dependent value, else ""."""
+    if not any(w in r.lower() for r in reasons for w in _DATA_DEPENDENT):
+        return ""
+    return ("the graph broke at a data-dependent value (e.g. mixture-of-experts routing). A "
+            "Python loop over the experts a batch hits cannot be one graph: use a batched "
+            "experts implementation (transformers: the default experts_implementation, not "
+            "'eager'); a nonzero or .item() alone stays in the graph with "
+            "torch._dynamo.config.capture_dynamic_output_shape_ops = True and "
+            "capture_scalar_outputs = True")
 
 
 def _ranges(xs: list[int]) -> str:

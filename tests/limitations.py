@@ -24,6 +24,7 @@ class Limitation:
     model: Callable[[], nn.Module]
     inputs: Callable[[], tuple]
     dynamic: bool = False
+    options: dict = dataclasses.field(default_factory=dict)     # hbp_backend options
 
 
 def mlp(d):
@@ -75,19 +76,19 @@ class Fork(nn.Module):
         return x.pow(2).mean() + side.pow(2).mean()
 
 
-class Projection(nn.Module):
-    """Two residual stages joined by a block with a projection shortcut P x + f(x)."""
+class Downsample(nn.Module):
+    """Two residual stages joined by a downsampling that is no residual step."""
 
     def __init__(self, d=6):
         super().__init__()
         self.s1 = nn.ModuleList(mlp(d) for _ in range(2))
-        self.proj, self.down = nn.Linear(d, d + 2), nn.Linear(d, d + 2)
+        self.down = nn.Linear(d, d + 2)
         self.s2 = nn.ModuleList(mlp(d + 2) for _ in range(2))
 
     def forward(self, x):
         for f in self.s1:
             x = x + f(x)
-        x = self.proj(x) + torch.tanh(self.down(x))
+        x = self.down(x)
         for f in self.s2:
             x = x + f(x)
         return x.pow(2).mean()
@@ -135,17 +136,19 @@ LIMITATIONS = [
                "transforms data inside the block",
                lambda: Stream(lambda x, b: x + torch.normal(b(x), 0.1)), x6),
     Limitation("a custom op whose autograd formula torch.func cannot run (a `torch.library` op "
-               "with `register_autograd`; Mixtral's grouped-mm expert fallback)",
-               "the stream is cut at that block, which runs exact",
+               "with `register_autograd`; Mixtral's grouped-mm expert fallback), with "
+               "`recompute=True` or dynamic shapes, where the backward differentiates blocks "
+               "with torch.func", "the stream is cut at that block, which runs exact",
                "torch.func cannot differentiate the block",
-               lambda: Stream(lambda x, b: x + twice_tanh(b(x))), x6),
+               lambda: Stream(lambda x, b: x + twice_tanh(b(x))), x6,
+               options={"recompute": True}),
     Limitation("a block that reads another block's activations", "the stream is cut there",
                "stream cut before block", ReadsEarlierBlock, x6),
     Limitation("a residual add that forks off the stream (a side branch)",
                "the side branch runs exact", "residual add off the stream", Fork, x6),
-    Limitation("a projection shortcut `P x + f(x)` (ResNet downsampling)",
-               "the chain is split there; that block runs exact", "projection shortcut",
-               Projection, x6),
+    Limitation("a downsampling between two stages that is no residual step (ConvNeXt's, "
+               "Swin's patch merging)", "the chain is split there: two streams, the "
+               "downsampling runs exact", "split after x_L", Downsample, x6),
     Limitation("a function after the add that is neither pointwise nor LayerNorm "
                "(`rms_norm(x + f(x))`)", "every step is its own segment of one block, exact",
                "shorter than min_length",
@@ -168,6 +171,7 @@ def reasons(report) -> list[str]:
     out = [s.reason for s in report.skipped]
     out += [g.recompute_reason for s in report.streams for g in s.groups if g.recompute_reason]
     out += [report.fallback_reason] if getattr(report, "fallback_reason", "") else []
+    out += [s.split for s in report.streams if s.split]
     return out
 
 

@@ -278,3 +278,24 @@ def test_exclude_keeps_chosen_blocks_exact(exclude, kept):
     assert len(excluded) == len(kept), str(report)
     assert sum(s.length for s in report.streams) == 6 - len(kept)
     assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+
+
+@pytest.mark.parametrize("first,last", [(1, 0), (0, 2), (2, 1)])
+def test_exact_first_and_last_keep_the_ends_of_each_stream_exact(first, last):
+    """exact_first / exact_last: those blocks of a stream run exact backprop, the report says
+    so, strict mode does not object, the gradients are exact at k >= L and not at k = 1."""
+    from models import GPT
+
+    torch.manual_seed(7)
+    model = GPT(n_layer=3).double()
+    inputs = model.example_inputs(2)
+    _, want = exact(model, inputs)
+    _, got, backend = compiled(model, inputs, 6, exact_first=first, exact_last=last,
+                               strict=True)
+    (report,) = backend.reports
+    kept = [s.reason for s in report.skipped if "kept exact by exact_" in s.reason]
+    assert len(kept) == first + last, str(report)
+    assert [s.length for s in report.streams] == [6 - first - last], str(report)
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+    _, approx, _ = compiled(model, inputs, 1, exact_first=first, exact_last=last)
+    assert max_rel_err(approx, want) > 1e-6

@@ -19,7 +19,7 @@ def test_limitation_is_reported_and_exact(lim):
     ref = copy.deepcopy(model)
     ref(*inputs).backward()
     want = {n: p.grad for n, p in ref.named_parameters()}
-    backend = hbp_backend(iters=8, codegen="eager")
+    backend = hbp_backend(iters=8, codegen="eager", **lim.options)
     m = copy.deepcopy(model)
     torch.compile(m, backend=backend, dynamic=lim.dynamic or None)(*inputs).backward()
     got = {n: p.grad for n, p in m.named_parameters()}

@@ -22,6 +22,8 @@ BAD = {
     "inductor_options": ([{"not_an_inductor_option": 1}, [1, 2], "x"], "Inductor config"),
     "dump_dir": ([3, ["a"]], "path"),
     "exclude": ([3, [1], ("h.0", None)], "module-path patterns"),
+    "exact_first": ([-1, 1.5, True, "2"], "int >= 0"),
+    "exact_last": ([-1, None, False], "int >= 0"),
 }
 CASES = [(name, value, words) for name, (values, words) in BAD.items() for value in values]
 

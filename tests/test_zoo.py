@@ -43,3 +43,23 @@ def test_zoo(name):
     assert max_rel_err(got, want, floor=FLOOR) < 1e-10, worst_param(got, want)
     approx, _ = zoo.compiled(model, inputs, 1)
     assert max_rel_err(approx, want, floor=FLOOR) > 1e-6
+
+
+def test_moe_graph_breaks_are_reported_with_a_hint():
+    """Mixtral with eager experts (a Python loop over the experts a batch hits) breaks the
+    graph at its routing: the report names the break and says what to use instead."""
+    import torch
+    import transformers as T
+
+    from hbp_compile import hbp_backend
+
+    cfg = T.AutoConfig.for_model("mixtral", **zoo.TEXT, num_local_experts=4,
+                                 num_experts_per_tok=2, experts_implementation="eager")
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(cfg)
+    ids = torch.randint(3, zoo.V, (zoo.B, zoo.S))
+    backend = hbp_backend(iters=1, codegen="eager")
+    torch.compile(model, backend=backend)(input_ids=ids, labels=ids).loss.backward()
+    assert len(backend.reports) > 1
+    text = "\n".join(map(str, backend.reports))
+    assert "graph break before this graph" in text and "experts_implementation" in text, text

@@ -331,14 +331,16 @@ def section(rows) -> str:
 
 
 def main():
-    names = [a for a in sys.argv[1:] if not a.startswith("--")] or list(ZOO)
+    args = sys.argv[1:]
+    path = args[args.index("--write") + 1] if "--write" in args else None
+    names = [a for a in args if not a.startswith("--") and a != path] or list(ZOO)
     rows = []
     for name in names:
         row = survey(name)
         print(row, flush=True)
         rows.append(row)
-    if "--write" in sys.argv:
-        path = Path(sys.argv[-1])
+    if path is not None:
+        path = Path(path)
         text = path.read_text()
         pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
         path.write_text(pattern.sub(lambda _: section(rows), text))

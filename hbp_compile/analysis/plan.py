@@ -57,7 +57,7 @@ def _owner_positions(graph: fx.Graph, owner: dict[fx.Node, int]) -> dict[fx.Node
 
 
 def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips: list[Skip],
-                  exclude: tuple = (), recompute: bool = False):
+                  exclude: tuple = (), recompute: bool = False, ends: tuple = (0, 0)):
     """(block, template) runs of a stream, cut where a block cannot be outlined or
     differentiated, or reads an earlier block."""
     blocks: list = []
@@ -68,6 +68,9 @@ def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips:
             matched = excluded_by(blk, exclude) if exclude else None
             if matched:
                 raise BlockError(blk.body[0], f"kept exact by exclude={matched}", wanted=True)
+            end = _kept_end(l, len(stream.steps), ends)
+            if end:
+                raise BlockError(blk.body[0], f"kept exact by {end}", wanted=True)
             overlap = next((n for n in blk.body if n in claimed), None)
             if overlap is not None:
                 raise BlockError(overlap, "block overlaps a stream rewritten already "
@@ -114,6 +117,16 @@ def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips:
     return segments
 
 
+def _kept_end(l: int, length: int, ends: tuple) -> str:
+    """"exact_first=N" or "exact_last=N" if block l of a stream is one the user keeps exact."""
+    first, last = ends
+    if l < first:
+        return f"exact_first={first}"
+    if l >= length - last:
+        return f"exact_last={last}"
+    return ""
+
+
 def _next_stream(node: fx.Node, sources: set, depth: int) -> Optional[fx.Node]:
     """The first x_0 of a stream in `sources` that `node` reaches within `depth` hops forward."""
     seen, frontier = set(), [node]
@@ -137,7 +150,7 @@ def _why_short(last: Block, sources: set) -> str:
 
 
 def plan_streams(graph: fx.Graph, min_length: int = 2, exclude: tuple = (),
-                 recompute: bool = False):
+                 recompute: bool = False, ends: tuple = (0, 0)):
     """Find the streams of a graph and plan their segments; returns (segments, skips, n_steps)."""
     index = GraphIndex(graph)
     streams, unlinked = find_streams(graph, index)
@@ -149,7 +162,8 @@ def plan_streams(graph: fx.Graph, min_length: int = 2, exclude: tuple = (),
     for stream in streams:
         stream, dropped = widen_stream(stream, index)
         skips += [Skip(step.node.name, why) for step, why in dropped]
-        for run in _split_stream(graph, stream, index, claimed, skips, exclude, recompute):
+        for run in _split_stream(graph, stream, index, claimed, skips, exclude, recompute,
+                                 ends):
             blocks, templates = [b for b, _ in run], [t for _, t in run]
             if len(blocks) < min_length:
                 skips.append(Skip(blocks[0].step.node.name,

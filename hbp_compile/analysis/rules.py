@@ -38,6 +38,7 @@ class ResidualStep:
     residual_caps: tuple = ()
     extra_states: tuple = ()            # further components of x_l (LSTM: h beside c)
     extra_outputs: tuple = ()           # the same components of x_{l+1}
+    shortcut: int = -1                  # zs[shortcut] is a projection shortcut P(x_l)
 
     @property
     def branch(self) -> fx.Node:
@@ -210,12 +211,19 @@ def _ancestors(node: fx.Node, limit: int = MAX_SOURCE_SEARCH) -> set:
     return seen
 
 
-def projection_residual(node: fx.Node, index: GraphIndex) -> Optional[ResidualStep]:
+def projection_residual(node: fx.Node, index: GraphIndex,
+                        starts_stream: bool = False) -> Optional[ResidualStep]:
     """x_{l+1} = r(f(x_l), P(x_l)) with r pointwise and both sides of the add transforming
     x_l: a projection shortcut P (ResNet's 1x1 convolution + BatchNorm downsampling) beside the
-    block f. The block computes both (zs = f(x_l), P(x_l)); x_l is the latest value both read,
-    and may have another shape than x_{l+1}. r reads no x_l: K_l = 0, and the shortcut's VJP
-    runs with the block's in every round."""
+    block f. x_l is the latest value both sides read; x_{l+1} may have another shape. The block
+    computes both (zs = f(x_l), P(x_l), so that P's batch norm updates its running statistics
+    once, in the block); K_l = dr/dp dP/dx_l is dense, and the backward's scan applies it as the
+    shortcut's VJP (zs[shortcut], the side with fewer ops after x_l).
+
+    x_l must be the previous step's output, so that the chain links through the projection (a
+    norm or activation that both sides read is no x_l), unless `starts_stream`: node is the
+    input of a later step (find_residual_steps asks again there, for ResNet-50's first block,
+    a projection from the stem)."""
     if not _pointwise(node):
         return None
     cone = _pointwise_cone(node)
@@ -233,15 +241,15 @@ def projection_residual(node: fx.Node, index: GraphIndex) -> Optional[ResidualSt
     out = tensor_meta(node)
     x = max((c for c in common if tensor_meta(c) is not None and tensor_meta(c).ndim == out.ndim
              and tensor_meta(c).dtype == out.dtype), key=index.pos.__getitem__, default=None)
-    # x_l must be the previous step's output (steps are matched in graph order), so that the
-    # chain links through the projection; a norm or activation both sides read is no x_l
-    if x is None or x not in index.step_outputs or \
+    if x is None or not (starts_stream or x in index.step_outputs) or \
             not any(_has_heavy_op(z, x, index) for z in sides):
         return None
     zs = tuple(l for l in sides if index.depends_on(l, x))
     caps = tuple(l for l in leaves if l not in zs)
     ordered = tuple(sorted(cone, key=index.pos.__getitem__))
-    return ResidualStep(node, x, zs, f"{PROJECTION} ({_kind_name(ordered)})", ordered, caps)
+    after_x = [sum(index.pos[a] > index.pos[x] for a in _ancestors(z)) for z in zs]
+    return ResidualStep(node, x, zs, f"{PROJECTION} ({_kind_name(ordered)})", ordered, caps,
+                        shortcut=after_x.index(min(after_x)))
 
 
 def _kind_name(residual) -> str:

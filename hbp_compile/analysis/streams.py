@@ -5,7 +5,7 @@ import dataclasses
 
 import torch.fx as fx
 
-from .rules import GraphIndex, ResidualStep, match_residual_step
+from .rules import GraphIndex, ResidualStep, match_residual_step, projection_residual
 
 
 @dataclasses.dataclass
@@ -23,14 +23,25 @@ class Stream:
 
 
 def find_residual_steps(graph: fx.Graph, index: GraphIndex) -> list[ResidualStep]:
-    """Every node that a residual-function rule recognises, in graph order."""
+    """Every node that a residual-function rule recognises, in graph order.
+
+    A projection step is matched where its x_l is an earlier step's output; one whose output
+    starts a chain of steps is matched as the chain's first step too (ResNet-50's first block
+    projects the stem's output)."""
     steps = []
     for node in graph.nodes:
         step = match_residual_step(node, index)
         if step is not None:
             steps.append(step)
             index.step_outputs.add(step.node)
-    return steps
+    starts = [s.stream for s in steps if s.stream not in index.step_outputs]
+    while starts:
+        found = [p for p in (projection_residual(n, index, starts_stream=True)
+                             for n in dict.fromkeys(starts)) if p is not None]
+        steps += found
+        index.step_outputs.update(p.node for p in found)
+        starts = [p.stream for p in found if p.stream not in index.step_outputs]
+    return sorted(steps, key=lambda s: index.pos[s.node])
 
 
 def _shape_of(step: ResidualStep) -> tuple:

@@ -64,15 +64,24 @@ def _vmapped(target, values, flags, spec):
     """Call `target` under vmap over the batched tensors (in_dims 0), closing over the rest."""
     pos = [i for i, f in enumerate(flags) if f]
 
+    absent = []                      # outputs a multi-output op leaves out (None, output_mask)
+
     def fn(*batched):
         leaves = list(values)
         for i, t in zip(pos, batched):
             leaves[i] = t
         args, kwargs = tree_unflatten(leaves, spec)
-        return target(*args, **kwargs)
+        out = target(*args, **kwargs)
+        if isinstance(out, (tuple, list)):          # vmap returns tensors only
+            absent[:] = [i for i, t in enumerate(out) if t is None]
+            return tuple(t for t in out if t is not None)
+        return out
 
     out = torch.func.vmap(fn)(*[values[i] for i in pos])
     if isinstance(out, (tuple, list)):
+        out = list(out)
+        for i in absent:
+            out.insert(i, None)
         return tuple(out), tuple(isinstance(t, torch.Tensor) for t in out)
     return out, True
 

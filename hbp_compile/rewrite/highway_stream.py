@@ -75,6 +75,8 @@ class GroupSpec:
     draw: Optional[fx.GraphModule] = None        # (x, *caps) -> randoms, for a partitioned fw
     capture: Optional[CaptureSpec] = None        # batched only
     residual_forward: Optional[fx.GraphModule] = None  # r as the forward runs it (post-LN)
+    shortcut: int = -1                  # zs[shortcut] is a projection shortcut P(x) (K dense)
+    shortcut_fn: Optional[fx.GraphModule] = None       # (x, *caps, *randoms) -> P(x)
 
     def n_saved_per_block(self) -> int:
         """Tensors the forward saves per block: the partition's, and the zs that r reads."""
@@ -222,6 +224,8 @@ class _GroupVJP:
         self.z_dtypes = [o.meta["val"].dtype for o in outs[:g.n_z]]
         if g.residual is not None:
             self._linearize_residual(spec, xs, caps, zs)
+        if g.shortcut >= 0:
+            self._linearize_shortcut(spec, xs, caps, randoms, zs)
 
     def _member_args(self, spec, l, xs, caps, randoms):
         return [*xs[l], *[caps[i] for i in spec.block_caps[l]], *randoms[l]]
@@ -327,6 +331,31 @@ class _GroupVJP:
             Ks.append(_k_of(rfn, y, m, dim=0))
         self.K = stack(Ks)
 
+    def _linearize_shortcut(self, spec, xs, caps, randoms, zs):
+        """Per member, K_l^T = (dr/dp dP/dx)^T as two VJPs: r's in p, the shortcut's in x (its
+        forward, a 1x1 convolution and a norm, runs once more here)."""
+        g, j = self.group, self.group.shortcut
+        self.kts = {}
+        for i, l in enumerate(self.members):
+            z_i = [z[i] for z in zs] if g.batched else list(zs[i])
+            rc = [caps[c] for c in spec.rcaps_of(l)]
+            bc = [caps[c] for c in spec.block_caps[l]]
+
+            def r_of_p(p, z_i=z_i, rc=rc, x=xs[l]):
+                return g.residual(*x, *z_i[:j], p, *z_i[j + 1:], *rc)
+
+            _, rfn = torch.func.vjp(r_of_p, z_i[j])
+            _, pfn = torch.func.vjp(lambda x, bc=bc, rnd=randoms[l]: g.shortcut_fn(x, *bc, *rnd),
+                                    xs[l][0])
+            self.kts[l] = (rfn, pfn, z_i[j].dtype)
+
+    def k_t(self, l: int, v: torch.Tensor) -> torch.Tensor:
+        """K_l^T v at the projection step l."""
+        rfn, pfn, dtype = self.kts[l]
+        (cot_p,) = rfn(v)
+        (kg,) = pfn(cot_p.to(dtype))
+        return kg
+
     def __call__(self, cot_y: torch.Tensor, cot_sides: list[torch.Tensor], final=False, **tags):
         """VJPs of every member at the stacked stream cotangents g_{l+1} (n, ...).
 
@@ -346,6 +375,9 @@ class _GroupVJP:
                 else:
                     cot_zs, rgrads = [cy], ()
                 cot_zs = [c.to(dt) for c, dt in zip(cot_zs, self.z_dtypes)]
+                if self.group.shortcut >= 0 and not final:   # the scan takes P's path (k_t)
+                    j = self.group.shortcut
+                    cot_zs[j] = torch.zeros_like(cot_zs[j])
                 sides = cot_sides if batched else [c[i] for c in cot_sides]
                 res = fn(tuple(cot_zs + sides))
             out_rcaps.append(rgrads)
@@ -431,14 +463,20 @@ def _scatter_rows(g: torch.Tensor, src: torch.Tensor, dim: int, index) -> torch.
 def _per_position(spec: StreamSpec, xs, inject, vjps, decay: float):
     """rows, scan and assemble for a stream whose states change shape at projection steps:
     g_l is one tensor per position, and the scan runs position by position (a ResNet's
-    stream is tens of blocks long). A projection step's K_l is 0 (r reads only the block's
-    outputs): its g_l is its A_l alone."""
+    stream is tens of blocks long). A projection step's dense K_l^T is the shortcut's VJP
+    (_GroupVJP.k_t), applied in the scan as a sequential step."""
     L = spec.length
     K = [None] * L                                   # diagonal K_l; None: the identity
+    dense = {}                                       # projection step l -> its group's VJPs
     for v in vjps:
         if v.group.residual is not None:
             for i, l in enumerate(v.members):
                 K[l] = v.K[i]
+        if v.group.shortcut >= 0:
+            dense.update({l: v for l in v.members})
+
+    def k_t(l, g):
+        return dense[l].k_t(l, g) if l in dense else g if K[l] is None else K[l] * g
     e = [inject[l][0] if inject[l][0] is not None else torch.zeros_like(xs[l][0])
          for l in range(L)] + [inject[L][0]]
 
@@ -453,19 +491,15 @@ def _per_position(spec: StreamSpec, xs, inject, vjps, decay: float):
                 A[l] = A[l] + v[i].to(A[l].dtype)
         if spec.gamma and G is not None:
             for l in range(L):
-                if l not in spec.projections:
-                    A[l] = A[l] + spec.gamma * (G[l + 1] if K[l] is None else K[l] * G[l + 1])
+                A[l] = A[l] + spec.gamma * k_t(l, G[l + 1])
         return A
 
     def scan(A):
-        """g_l = (1 - gamma) K_l g_{l+1} + A_l, from g_L = A_L down."""
+        """g_l = (1 - gamma) K_l^T g_{l+1} + A_l, from g_L = A_L down."""
         G = [None] * L + [A[L]]
         for l in reversed(range(L)):
-            if l in spec.projections:
-                G[l] = A[l]
-            else:
-                kg = G[l + 1] if K[l] is None else K[l] * G[l + 1]
-                G[l] = A[l] + (kg if decay == 1.0 else decay * kg)
+            kg = k_t(l, G[l + 1])
+            G[l] = A[l] + (kg if decay == 1.0 else decay * kg)
         return G
 
     return rows, scan, assemble

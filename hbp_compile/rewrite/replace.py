@@ -1,6 +1,7 @@
 """Swap a stream's nodes in the aten graph for one call of HighwayStream."""
 from __future__ import annotations
 
+import copy
 import operator
 
 import torch
@@ -64,7 +65,8 @@ def build_spec(name: str, blocks: list[Block], groups: list[Group], batched: lis
             residual_shared=tuple(g.residual_shared), partition=g.partition,
             draw=draws_only(g.template.forward, g.template.n_random)
             if g.partition is not None and g.template.n_random else None,
-            capture=capture, residual_forward=g.template.residual_forward))
+            capture=capture, residual_forward=g.template.residual_forward,
+            **_shortcut(g.template.gm, blocks[g.members[0]].step.shortcut)))
     mutated = frozenset(i for i, c in enumerate(caps)
                         if any(u.target is aten.copy_.default and u.args[0] is c for u in c.users))
     spec = StreamSpec(name=name, length=len(blocks), block_group=tuple(block_group),
@@ -78,6 +80,18 @@ def build_spec(name: str, blocks: list[Block], groups: list[Group], batched: lis
                       projections=frozenset(l for l, b in enumerate(blocks)
                                             if b.step.kind.startswith(PROJECTION)))
     return spec, caps
+
+
+def _shortcut(template: fx.GraphModule, j: int) -> dict:
+    """A projection step's shortcut as its own function: the template with output zs[j] only."""
+    if j < 0:
+        return {}
+    gm = copy.deepcopy(template)
+    out = gm.graph.output_node()
+    out.args = (out.args[0][j],)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return dict(shortcut=j, shortcut_fn=gm)
 
 
 def _scan_form(n: int, device: str, scan: str, width: int) -> str:

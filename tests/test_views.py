@@ -1,0 +1,111 @@
+"""Streams through views (analysis/views.py): the stream goes on where a model reshapes or
+transposes it between residual adds (OPT's decoder layer flattens it to 2-D for its MLP).
+
+Models here write the view; their stream_view writes the same function without it (each block
+reshapes inside), so the oracle (tests/oracle_general.py) sees one shape per stream. Checked:
+the stream is one chain of all the adds, the report names the views, k = 1 equals the oracle,
+k >= L equals exact autograd (float64, several depths).
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+from helpers import assert_exact, assert_matches_general_oracle, compiled
+from models_general import add
+
+
+def mlp(d):
+    return nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+
+class FlattenedMLPs(nn.Module):
+    """OPT's pattern: x (B, S, d) + a 3-D block, then the stream as (B*S, d) for a 2-D block,
+    viewed back to 3-D after the add."""
+
+    def __init__(self, n=2, d=8):
+        super().__init__()
+        self.a = nn.ModuleList(mlp(d) for _ in range(n))
+        self.b = nn.ModuleList(mlp(d) for _ in range(n))
+
+    def forward(self, x):
+        for a, b in zip(self.a, self.b):
+            x = x + a(x)
+            shape = x.shape
+            x = x.reshape(-1, x.size(-1))
+            x = (x + b(x)).view(shape)
+        return x.tanh().square().mean()
+
+    def stream_view(self, x):
+        steps = []
+        for a, b in zip(self.a, self.b):
+            steps.append((lambda x, a=a: (a(x),), add))
+            steps.append((lambda x, b=b: (b(x.reshape(-1, x.size(-1))).view(x.shape),), add))
+        return [(x, steps)], lambda states: states[0][-1].tanh().square().mean()
+
+    def example_inputs(self, batch):
+        return (torch.randn(batch, 5, self.a[0][0].normalized_shape[0], dtype=torch.float64),)
+
+
+class TransposedBlocks(nn.Module):
+    """A stream (B, S, d) that every other block adds to as (B, d, S): a channels-first
+    convolution reading and writing the transposed stream, then transposed back."""
+
+    def __init__(self, n=2, d=8):
+        super().__init__()
+        self.conv = nn.ModuleList(nn.Conv1d(d, d, 3, padding=1) for _ in range(n))
+        self.mlp = nn.ModuleList(mlp(d) for _ in range(n))
+
+    def forward(self, x):
+        for conv, m in zip(self.conv, self.mlp):
+            t = x.transpose(1, 2)
+            x = (t + conv(torch.tanh(t))).transpose(1, 2)
+            x = x + m(x)
+        return x.sin().mean()
+
+    def stream_view(self, x):
+        steps = []
+        for conv, m in zip(self.conv, self.mlp):
+            steps.append((lambda x, c=conv: (c(torch.tanh(x.transpose(1, 2))).transpose(1, 2),),
+                          add))
+            steps.append((lambda x, m=m: (m(x),), add))
+        return [(x, steps)], lambda states: states[0][-1].sin().mean()
+
+    def example_inputs(self, batch):
+        return (torch.randn(batch, 6, self.mlp[0][0].normalized_shape[0], dtype=torch.float64),)
+
+
+MODELS = [FlattenedMLPs, TransposedBlocks]
+
+
+@pytest.mark.parametrize("cls", MODELS)
+@pytest.mark.parametrize("n", [2, 3])
+def test_stream_goes_through_views(cls, n):
+    torch.manual_seed(n)
+    model = cls(n).double()
+    inputs = model.example_inputs(3)
+    backend = assert_matches_general_oracle(model, inputs, 1)
+    (report,) = backend.reports
+    (stream,) = report.streams
+    assert stream.length == 2 * n and report.coverage == 1.0, str(report)
+    assert stream.views and "stream continues through views" in str(report), str(report)
+    assert_exact(model, inputs, 2 * n)
+
+
+def test_a_stream_that_starts_at_a_view_keeps_its_blocks():
+    """A view before the first add is the stream's x_0 itself: nothing to move."""
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = nn.ModuleList(mlp(8) for _ in range(3))
+
+        def forward(self, x):
+            x = x.reshape(-1, 8)
+            for m in self.m:
+                x = x + m(x)
+            return x.square().mean()
+
+    torch.manual_seed(0)
+    model = Flat().double()
+    _, _, backend = compiled(model, (torch.randn(2, 4, 8, dtype=torch.float64),), 1)
+    (stream,) = backend.reports[0].streams
+    assert stream.length == 3 and not stream.views
