@@ -276,3 +276,47 @@ def test_sequence_length_changes_with_mark_dynamic():
         assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
     assert len(backend.reports) == 1
     assert "symbolic sizes" in backend.reports[0].streams[0].groups[0].recompute_reason
+
+
+class LearnedMaskAttention(torch.nn.Module):
+    """SDPA whose additive mask is a parameter (a learned relative position bias, as Swin's)."""
+
+    def __init__(self, d=8, heads=2, S=5):
+        super().__init__()
+        self.qkv, self.o = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+        self.bias = torch.nn.Parameter(0.1 * torch.randn(heads, S, S))
+        self.heads = heads
+
+    def forward(self, x):
+        B, S, d = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        return self.o(a.transpose(1, 2).reshape(B, S, d))
+
+
+def test_attention_with_a_learned_mask_is_rewritten_and_exact():
+    """The CPU flash kernel takes no gradient for its mask; the captured graph then runs SDPA's
+    math form, and the mask parameter gets its gradient (Highway-BP at k = L is exact)."""
+    from helpers import compiled, exact
+
+    class Stream(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(LearnedMaskAttention() for _ in range(3))
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = x + b(x)
+            return x.square().mean()
+
+    torch.manual_seed(0)
+    model = Stream().double()
+    inputs = (torch.randn(2, 5, 8, dtype=torch.double),)
+    _, want = exact(model, inputs)
+    _, got, backend = compiled(model, inputs, 3)
+    (report,) = backend.reports
+    assert [s.length for s in report.streams] == [3] and report.coverage == 1.0, str(report)
+    assert all(want[f"blocks.{i}.bias"].norm() > 0 for i in range(3))
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+    _, approx, _ = compiled(model, inputs, 1)
+    assert max_rel_err(approx, want) > 1e-6

@@ -173,16 +173,25 @@ def _pointwise_cone(node: fx.Node) -> set:
     return cone
 
 
-def elementwise_residual(node: fx.Node, index: GraphIndex) -> Optional[ResidualStep]:
-    """x_{l+1} = r(x_l, z...) with r pointwise: ReLU after the add, gates a * x + z, the GRU
-    update z * h + (1 - z) * n, LSTM's f * c + i * g. K_l = dr/dx_l with the zs held fixed."""
+def _residual_candidate(node: fx.Node, index: GraphIndex) -> Optional[tuple[set, list]]:
+    """(the pointwise cone ending at node, its inputs in graph order): a candidate r and what
+    r reads; None if node is not pointwise or the cone is too large for a residual function."""
     if not _pointwise(node):
         return None
     cone = _pointwise_cone(node)
     if len(cone) > MAX_RESIDUAL_NODES:
         return None
-    leaves = sorted({i for n in cone for i in n.all_input_nodes if i not in cone},
-                    key=index.pos.__getitem__)
+    return cone, sorted({i for n in cone for i in n.all_input_nodes if i not in cone},
+                        key=index.pos.__getitem__)
+
+
+def elementwise_residual(node: fx.Node, index: GraphIndex) -> Optional[ResidualStep]:
+    """x_{l+1} = r(x_l, z...) with r pointwise: ReLU after the add, gates a * x + z, the GRU
+    update z * h + (1 - z) * n, LSTM's f * c + i * g. K_l = dr/dx_l with the zs held fixed."""
+    candidate = _residual_candidate(node, index)
+    if candidate is None:
+        return None
+    cone, leaves = candidate
     out = tensor_meta(node)
     for x in leaves:
         xv = tensor_meta(x)
@@ -224,13 +233,10 @@ def projection_residual(node: fx.Node, index: GraphIndex,
     norm or activation that both sides read is no x_l), unless `starts_stream`: node is the
     input of a later step (find_residual_steps asks again there, for ResNet-50's first block,
     a projection from the stem)."""
-    if not _pointwise(node):
+    candidate = _residual_candidate(node, index)
+    if candidate is None:
         return None
-    cone = _pointwise_cone(node)
-    if len(cone) > MAX_RESIDUAL_NODES:
-        return None
-    leaves = sorted({i for n in cone for i in n.all_input_nodes if i not in cone},
-                    key=index.pos.__getitem__)
+    cone, leaves = candidate
     sides = [l for l in leaves if tensor_meta(l) is not None and l.op == "call_function"
              and tensor_meta(l).dtype.is_floating_point]
     # the add of the two transformed copies of x_l
