@@ -169,8 +169,9 @@ def graph_break_hint(reasons: list[str]) -> str:
     """What to set when a graph broke at a data-dependent value, else ""."""
     if not any(w in r.lower() for r in reasons for w in _DATA_DEPENDENT):
         return ""
-    return ("the graph broke at a data-dependent value (e.g. mixture-of-experts routing). A "
-            "Python loop over the experts a batch hits cannot be one graph: use a batched "
+    return ("the graph broke at a data-dependent value (e.g. mixture-of-experts routing, "
+            "packing variable-length sequences). A Python loop over the experts a batch hits "
+            "cannot be one graph: use a batched "
             "experts implementation (transformers: the default experts_implementation, not "
             "'eager'); a nonzero or .item() alone stays in the graph with "
             "torch._dynamo.config.capture_dynamic_output_shape_ops = True and "

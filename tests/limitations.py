@@ -94,6 +94,21 @@ class Downsample(nn.Module):
         return x.pow(2).mean()
 
 
+class PackedGRU(nn.Module):
+    """nn.GRU over variable-length sequences, packed."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(3, 5, batch_first=True)
+
+    def forward(self, x, lengths):
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, h = self.rnn(packed)
+        return pad_packed_sequence(out, batch_first=True)[0].pow(2).sum() + h.pow(2).sum()
+
+
 class RNN(nn.Module):
     def __init__(self, **kwargs):
         super().__init__()
@@ -158,6 +173,10 @@ LIMITATIONS = [
     Limitation("`nn.LSTM(proj_size=...)`", "that layer runs exact (one op, no unrolling)",
                "proj_size", lambda: RNN(proj_size=2),
                lambda: (torch.randn(6, 2, 3, dtype=torch.float64),)),
+    Limitation("`nn.GRU` / `nn.LSTM` on a `PackedSequence`", "Dynamo runs packing and the RNN "
+               "call outside its graphs: exact backprop; the report lists the graph breaks",
+               "marked as skipped", PackedGRU,
+               lambda: (torch.randn(3, 7, 3, dtype=torch.float64), torch.tensor([7, 4, 2]))),
     Limitation("an RNN module over one time step", "that layer runs exact", "a single time step",
                lambda: RNN(), lambda: (torch.randn(1, 2, 3, dtype=torch.float64),)),
     Limitation("dynamic shapes (`dynamic=True`, `mark_dynamic`)",
@@ -172,6 +191,7 @@ def reasons(report) -> list[str]:
     out += [g.recompute_reason for s in report.streams for g in s.groups if g.recompute_reason]
     out += [report.fallback_reason] if getattr(report, "fallback_reason", "") else []
     out += [s.split for s in report.streams if s.split]
+    out += list(getattr(report, "graph_breaks", []))
     return out
 
 
