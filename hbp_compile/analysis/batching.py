@@ -14,19 +14,7 @@ import torch
 import torch.fx as fx
 
 from ..report import describe
-
-# Ops whose batching rules fall short inside a vmapped VJP: native_layer_norm's specialises a
-# symbolic batch size (a recompile per batch size under dynamic=True); batch norm's functional
-# form and the fused CPU attention kernel have none. Batched templates run their
-# decompositions; Inductor decomposes them anyway, so only the eager path pays for it.
-VMAP_DECOMPOSED = (
-    torch.ops.aten.native_layer_norm.default,
-    torch.ops.aten.native_group_norm.default,
-    torch.ops.aten._native_batch_norm_legit_functional.default,
-    torch.ops.aten._native_batch_norm_legit_no_training.default,
-    torch.ops.aten._native_batch_norm_legit.no_stats,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-)
+from .ops import VMAP_DECOMPOSED
 
 
 def vmappable(template: fx.GraphModule):

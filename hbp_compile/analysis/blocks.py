@@ -15,19 +15,10 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from .ops import ABSORBED_OPS, MASKED_RANDOM_OPS, SAVED_RANDOM_OPS
 from .rules import GraphIndex, ResidualStep
 
 aten = torch.ops.aten
-
-# Parameter preprocessing that may move into a block (layout/dtype only, no arithmetic). Absorbed,
-# a weight is captured as itself, so the t(W) that Dynamo emits at every RNN step does not hide
-# that the steps share W.
-ABSORBED_OPS = {
-    aten.t.default, aten.permute.default, aten.transpose.int, aten.view.default,
-    aten.reshape.default, aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim,
-    aten.squeeze.dims, aten._to_copy.default, aten.alias.default, aten.clone.default,
-    aten._unsafe_view.default,
-}
 
 
 class BlockError(Exception):
@@ -138,21 +129,6 @@ def _reaches_output(node: fx.Node) -> bool:
                 seen.add(u)
                 stack.append(u)
     return False
-
-
-# Random ops whose outputs do not depend differentiably on their inputs (the inputs give a shape
-# or probabilities): the forward draws them, saves them, and the backward's templates read the
-# saved values (dropout masks). Random ops that transform data (a fused dropout-attention) cannot.
-SAVED_RANDOM_OPS = {
-    aten.bernoulli.p, aten.bernoulli.default, aten.bernoulli.Tensor, aten.rand_like.default,
-    aten.randn_like.default, aten.randint_like.default, aten.randint_like.low_dtype,
-    aten.rand.default, aten.randn.default,
-}
-
-
-# Random ops that draw a mask and apply it in one kernel: the block saves the mask output, its
-# backward templates apply the saved mask (groups.py), and the forward runs the op itself.
-MASKED_RANDOM_OPS = {aten.native_dropout.default}
 
 
 def _is_random(node: fx.Node) -> bool:

@@ -20,17 +20,12 @@ import torch.fx as fx
 
 from .batching import capture_batching_problem
 from .blocks import Block
-from .groups import Group, _VIEW_TO_RESHAPE, _meta_key
+from .groups import Group, _meta_key
+from .ops import INDEXING_OPS, VIEW_TO_RESHAPE
 from .rules import GraphIndex
 
 aten = torch.ops.aten
 
-# Ops that pick a member's piece out of a shared tensor (x[t]): their index differs per member,
-# so they stay outside, as the function's per-member inputs.
-INDEXING_OPS = {
-    aten.select.int, aten.slice.Tensor, aten.index.Tensor, aten.narrow.default,
-    aten.as_strided.default, aten.unbind.int, aten.index_select.default, aten.gather.default,
-}
 MAX_OPS = 64                            # a capture function is a few ops (matmul, split, bias)
 
 
@@ -96,7 +91,7 @@ def _outline(blk: Block, values: list, cone: set, index: GraphIndex):
         key.append((str(n.target), repr(fx.node.map_arg((n.args, n.kwargs), local.get)),
                     _meta_key(n)))
         env[n] = graph.node_copy(n, env.__getitem__)
-        if env[n].target in _VIEW_TO_RESHAPE:
+        if env[n].target in VIEW_TO_RESHAPE:
             env[n].target = aten.reshape.default
     positions = [tuple([("cap", j) for j, c in enumerate(blk.captures) if c is v] +
                        [("rcap", j) for j, c in enumerate(blk.step.residual_caps) if c is v])

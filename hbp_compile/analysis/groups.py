@@ -14,14 +14,11 @@ import operator
 import torch
 import torch.fx as fx
 
-from .blocks import MASKED_RANDOM_OPS, Block
+from .blocks import Block
+from .ops import MASKED_RANDOM_OPS, SUMMARY_OPS, VIEW_TO_RESHAPE
 from .rules import POST_LN
 
 aten = torch.ops.aten
-
-# aten graphs are stride-specific: a view recorded on a contiguous intermediate may be invalid
-# once vmap adds a batch dimension (the physical layout differs). Templates use reshape.
-_VIEW_TO_RESHAPE = {aten.view.default, aten._unsafe_view.default}
 
 
 def _meta_key(node, strides: bool = True) -> str:
@@ -87,7 +84,7 @@ def _copy_body(block: Block, draw: bool) -> fx.GraphModule:
             env[node].meta.update(node.meta)
             continue
         env[node] = graph.node_copy(node, lambda a: env[a])
-        if env[node].target in _VIEW_TO_RESHAPE:
+        if env[node].target in VIEW_TO_RESHAPE:
             env[node].target = aten.reshape.default
     drawn = [_drawn(graph, env, r) for r in block.randoms] if draw else []
     outputs = [env[o] for o in list(block.zs) + block.side_outputs] + drawn
@@ -205,17 +202,11 @@ def _summary(block: Block) -> str:
     ops = collections.Counter(
         getattr(n.target, "__name__", str(n.target)).split(".")[0] for n in block.body
         if n.op == "call_function" and n.target is not operator.getitem)
-    heavy = [op for op in ops if op in _HEAVY_OPS]
+    heavy = [op for op in ops if op in SUMMARY_OPS]
     x = block.x.meta.get("val")
     shape = f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}" if isinstance(x, torch.Tensor) else "?"
     drawn = f", {len(block.randoms)} random draw(s) saved for the backward" if block.randoms else ""
     return f"{len(block.body)} ops ({', '.join(heavy) or 'elementwise'}), x {shape}{drawn}"
-
-
-_HEAVY_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "convolution", "native_layer_norm",
-              "_softmax", "var_mean", "_scaled_dot_product_flash_attention_for_cpu",
-              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
-              "embedding", "_native_batch_norm_legit_functional", "gelu", "silu", "tanh", "sigmoid", "relu"}
 
 
 @dataclasses.dataclass

@@ -11,7 +11,8 @@ from .batching import vjp_problem
 from .blocks import Block, BlockError, excluded_by, extract_block
 from .captures import capture_fn
 from .groups import Group, group_blocks, outline
-from .rules import HEAVY_OPS, GraphIndex
+from .ops import HEAVY_OPS
+from .rules import GraphIndex
 from .streams import Stream, find_streams
 from .widen import widen_stream
 

@@ -13,6 +13,8 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
+from .ops import HEAVY_OPS, is_pointwise_op
+
 aten = torch.ops.aten
 
 # node.meta keys set by graph rewrites that prepare steps for the rules (post_norm.py)
@@ -130,19 +132,12 @@ def identity_residual(node: fx.Node, index: GraphIndex) -> Optional[ResidualStep
     return None
 
 
-# A block is the expensive part of a step: it must hold one of these (a normalisation's mean and
-# variance are not a block, so a hand-written RMSNorm is no residual step).
-HEAVY_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
-             aten.convolution.default, aten._scaled_dot_product_flash_attention_for_cpu.default,
-             aten._scaled_dot_product_efficient_attention.default,
-             aten._scaled_dot_product_flash_attention.default, aten.embedding.default}
 MAX_RESIDUAL_NODES = 24
 
 
 def _pointwise(n) -> bool:
-    return (isinstance(n, fx.Node) and n.op == "call_function"
-            and isinstance(n.target, torch._ops.OpOverload)
-            and torch.Tag.pointwise in n.target.tags and tensor_meta(n) is not None)
+    return (isinstance(n, fx.Node) and n.op == "call_function" and is_pointwise_op(n.target)
+            and tensor_meta(n) is not None)
 
 
 def _has_heavy_op(z: fx.Node, x: fx.Node, index: GraphIndex) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from .ops import PERMUTE_OPS, REINDEX_OPS
 from .post_norm import _emit
 from .rules import (KIND, NOT_A_STEP, GraphIndex, identity_residual, match_residual_step,
                     tensor_meta)
@@ -25,18 +26,11 @@ aten = torch.ops.aten
 
 VIEWS = "hbp_views"          # on a rewritten add: the view ops it was moved through
 
-# ops that change how values are indexed but not the values: reshape-like ones (their inverse
-# is a reshape back to the input's shape) and permutations (their inverse permutes back)
-RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
-            aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
-            aten.alias.default, aten.clone.default, aten._to_copy.default}
-PERMUTES = {aten.permute.default, aten.transpose.int, aten.t.default}
-
 
 def _is_view(n: fx.Node) -> bool:
     """A shape op that moves no value: a reshape, a permutation, a cast to its own dtype."""
     if not isinstance(n, fx.Node) or n.op != "call_function" or \
-            n.target not in RESHAPES | PERMUTES:
+            n.target not in REINDEX_OPS | PERMUTE_OPS:
         return False
     a, out = tensor_meta(n.args[0]) if n.args else None, tensor_meta(n)
     if a is None or out is None or a.dtype != out.dtype or a.device != out.device \
@@ -68,7 +62,7 @@ def _inverse(graph: fx.Graph, like: fx.Node, chain: list[fx.Node], z: fx.Node) -
     """P^-1(z) for P the composition of `chain`."""
     for op in reversed(chain):
         a = op.args[0]
-        if op.target in RESHAPES:
+        if op.target in REINDEX_OPS:
             z = _emit(graph, like, aten.reshape.default, z, _shape_args(graph, like, a))
         elif op.target is aten.permute.default:
             perm = list(op.args[1])
@@ -88,11 +82,11 @@ def _apply(graph: fx.Graph, like: fx.Node, chain: list[fx.Node], y: fx.Node) -> 
 
 def _fold_inverse(p_of_y: fx.Node, y: fx.Node, chain: list[fx.Node]) -> None:
     """A reader of P(y) that reshapes it back to y's shape and strides reads y itself."""
-    if any(op.target in PERMUTES for op in chain):
+    if any(op.target in PERMUTE_OPS for op in chain):
         return
     want = tensor_meta(y)
     for u in list(p_of_y.users):
-        while _is_view(u) and u.target in RESHAPES:
+        while _is_view(u) and u.target in REINDEX_OPS:
             out = tensor_meta(u)
             if out.shape == want.shape and out.stride() == want.stride():
                 u.replace_all_uses_with(y)

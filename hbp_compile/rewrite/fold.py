@@ -18,8 +18,9 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..analysis.ops import RESHAPE_OPS
+
 aten = torch.ops.aten
-_RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
 NORM_OUTPUT = "hbp_norm_output"        # node.meta tag: a norm output rebuilt in the backward
 
 
@@ -33,7 +34,7 @@ def _add_terms(node: fx.Node) -> list[fx.Node]:
 def _strip_reshapes(node: fx.Node) -> tuple[fx.Node, list]:
     """(base, [shape, ...]) for a chain of reshapes ending at node."""
     shapes = []
-    while isinstance(node, fx.Node) and node.target in _RESHAPES:
+    while isinstance(node, fx.Node) and node.target in RESHAPE_OPS:
         shapes.append(node.args[1])
         node = node.args[0]
     return node, shapes[::-1]

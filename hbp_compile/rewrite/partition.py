@@ -24,23 +24,11 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ..analysis.ops import LIKE_OPS, VIEW_OPS, VIEW_TO_RESHAPE, is_pointwise_op
 from ..report import describe
 from .fold import NORM_OUTPUT, fold_norm_affine
 
 aten = torch.ops.aten
-
-# Ops that only re-describe their input's memory: recomputed in the backward, never saved.
-VIEW_OPS = {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.t.default,
-    aten.transpose.int, aten.permute.default, aten.expand.default, aten.unsqueeze.default,
-    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.slice.Tensor,
-    aten.select.int, aten.alias.default, aten.split.Tensor, aten.split_with_sizes.default,
-    aten.unbind.int, aten.chunk.default, aten.detach.default,
-}
-# aten graphs are stride-specific: a view recorded on a contiguous intermediate may not be valid
-# once vmap adds the member axis. The backward uses reshape.
-_VIEW_TO_RESHAPE = {aten.view.default, aten._unsafe_view.default}
-
 
 @dataclasses.dataclass
 class Partition:
@@ -66,9 +54,7 @@ def _is_view(node: fx.Node) -> bool:
 
 
 def _is_pointwise(node: fx.Node) -> bool:
-    target = node.target
-    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags \
-        and not target.is_view
+    return is_pointwise_op(node.target)
 
 
 def _recomputed(forward: list[fx.Node], primals: set, backward: set, depth: int = 6) -> set:
@@ -203,7 +189,7 @@ def split_joint(joint: fx.GraphModule, n_p: int, n_out: int, n_x: int):
         for n in graph.nodes:
             if n in in_bw and n.op == "call_function":
                 benv[n] = bw.node_copy(n, lambda a: benv[a])
-                if benv[n].target in _VIEW_TO_RESHAPE:
+                if benv[n].target in VIEW_TO_RESHAPE:
                     benv[n].target = aten.reshape.default
         bw.output(tuple(benv[g] if isinstance(g, fx.Node) else g for g in grads))
         bw.eliminate_dead_code()
@@ -283,10 +269,6 @@ def _non_differentiable(template: fx.GraphModule, message: str) -> set:
     return found
 
 
-_LIKE_OPS = {aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default,
-             aten.rand_like.default, aten.randn_like.default, aten.full_like.default}
-
-
 def draws_only(forward: fx.GraphModule, n_random: int) -> fx.GraphModule:
     """A block's drawing form (x, *caps) -> (..., *randoms) cut down to its random draws.
 
@@ -301,7 +283,7 @@ def draws_only(forward: fx.GraphModule, n_random: int) -> fx.GraphModule:
     graph.output(tuple(outs[len(outs) - n_random:]))
     for n in list(graph.nodes):
         # a like-op reads only a layout; so does native_dropout's mask (its output is not drawn)
-        src = n.args[0] if n.target in _LIKE_OPS or n.target is aten.native_dropout.default \
+        src = n.args[0] if n.target in LIKE_OPS or n.target is aten.native_dropout.default \
             else None
         if isinstance(src, fx.Node) and src.op != "placeholder":
             with graph.inserting_before(n):
