@@ -5,6 +5,8 @@ with strict=True it raises HBPError instead.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import time
 
 import torch
@@ -30,11 +32,29 @@ from .rewrite.replace import (build_spec, device_type, replace_rnn_layer, replac
 from .rewrite.scan import choose_scan
 
 
+_STAGED: list = []          # counts of compile attempts in progress (innermost last)
+
+
 def _count(name: str, n: int = 1) -> None:
-    """Bump counters["hbp_compile"][name] (torch._dynamo.utils.counters, like Inductor's)."""
+    """Bump counters["hbp_compile"][name] (torch._dynamo.utils.counters, like Inductor's), or
+    the compile attempt's staged counts while one runs."""
     from torch._dynamo.utils import counters
 
-    counters["hbp_compile"][name] += n
+    (_STAGED[-1] if _STAGED else counters["hbp_compile"])[name] += n
+
+
+@contextlib.contextmanager
+def _attempt_counts():
+    """Counts of one compile attempt: kept if it compiles, dropped if the graph is compiled
+    again without a failed stream or falls back (so a stream is counted once)."""
+    staged = collections.Counter()
+    _STAGED.append(staged)
+    try:
+        yield
+    finally:
+        _STAGED.pop()
+    for name, n in staged.items():             # reached only when the attempt succeeded
+        _count(name, n)
 
 
 class HBPError(RuntimeError):
@@ -111,13 +131,15 @@ class HBPBackend:
             keys: dict = {}             # stream name -> key (its first step's node)
             stage = "the pass"
             try:
-                t0 = time.perf_counter()
-                rewritten = self._rewrite(gm, example_inputs, report, excluded, keys)
-                report.timings["pass_s"] = time.perf_counter() - t0
-                if rewritten is None:
-                    break
-                stage = "compiling the rewritten graph"
-                return compile_graph(rewritten, example_inputs, codegen, on_graph, key, patches)
+                with _attempt_counts():
+                    t0 = time.perf_counter()
+                    rewritten = self._rewrite(gm, example_inputs, report, excluded, keys)
+                    report.timings["pass_s"] = time.perf_counter() - t0
+                    if rewritten is None:
+                        break
+                    stage = "compiling the rewritten graph"
+                    return compile_graph(rewritten, example_inputs, codegen, on_graph, key,
+                                         patches)
             except (HBPError, *_RESTARTS):
                 raise
             except StreamFailure as e:                # one stream's backward: leave it exact

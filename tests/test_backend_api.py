@@ -245,7 +245,7 @@ def test_a_stream_that_fails_to_build_runs_exact_and_the_others_stay_rewritten(m
 
     monkeypatch.setattr(HighwayStream, "_backward", staticmethod(failing))
     counters = torch._dynamo.utils.counters["hbp_compile"]
-    before = counters["streams_isolated"]
+    before = dict(counters)
     torch.manual_seed(3)
     model = TwoStreams(n_blocks=3).double()
     inputs = model.example_inputs(3)
@@ -256,7 +256,9 @@ def test_a_stream_that_fails_to_build_runs_exact_and_the_others_stay_rewritten(m
     assert [s.length for s in report.streams] == [3]
     (why,) = [s.reason for s in report.skipped if "injected failure" in s.reason]
     assert "runs exact backprop, the others stay rewritten" in why
-    assert counters["streams_isolated"] == before + 1
+    # counted once: the failed attempt's streams are not (only the compile that stands)
+    for name, n in [("streams_isolated", 1), ("streams_rewritten", 1), ("blocks_rewritten", 3)]:
+        assert counters[name] == before.get(name, 0) + n, name
     assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
 
 
