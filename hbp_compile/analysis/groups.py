@@ -119,8 +119,11 @@ def _drawn_val(rnd: fx.Node):
     return val[1] if rnd.target in MASKED_RANDOM_OPS else val
 
 
-def outline(block: Block) -> Template:
-    """Copy a block's body into its own graph; the signature names its structure, not its nodes."""
+def outline(block: Block, known: Optional[dict] = None) -> Template:
+    """Copy a block's body into its own graph; the signature names its structure, not its nodes.
+
+    `known` maps signatures to templates built already: a block with one of those signatures
+    gets that template (a group runs its first member's), and no graph is copied for it."""
     local = dict(zip(block.xs, _x_names(block)))
     local.update({cap: f"cap{j}" for j, cap in enumerate(block.captures)})
     # x's strides are left out: the backward stacks the states, so they arrive contiguous
@@ -139,9 +142,14 @@ def outline(block: Block) -> Template:
         residual, residual_forward, rkey = _outline_residual(block)
         key.append(("residual", rkey))
     signature = hashlib.sha1(repr(key).encode()).hexdigest()[:12]
-    return Template(_copy_body(block, draw=False), signature, _summary(block), len(block.zs),
-                    residual, _copy_body(block, draw=True) if block.randoms else None,
-                    len(block.randoms), len(block.xs), residual_forward)
+    if known is not None and signature in known:
+        return known[signature]
+    template = Template(_copy_body(block, draw=False), signature, _summary(block), len(block.zs),
+                        residual, _copy_body(block, draw=True) if block.randoms else None,
+                        len(block.randoms), len(block.xs), residual_forward)
+    if known is not None:
+        known[signature] = template
+    return template
 
 
 def _x_names(block: Block) -> list[str]:

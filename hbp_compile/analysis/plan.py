@@ -62,6 +62,7 @@ def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips:
     """(block, template) runs of a stream, cut where a block cannot be outlined or
     differentiated, or reads an earlier block."""
     blocks: list = []
+    templates: dict = {}            # signature -> the template of its first block
     problems: dict = {}             # template signature -> why torch.func cannot take it
     for l, step in enumerate(stream.steps):
         try:
@@ -76,7 +77,7 @@ def _split_stream(graph, stream: Stream, index: GraphIndex, claimed: set, skips:
             if overlap is not None:
                 raise BlockError(overlap, "block overlaps a stream rewritten already "
                                           "(a residual add nested inside another block)")
-            tpl = outline(blk)
+            tpl = outline(blk, templates)
             if tpl.signature not in problems:
                 problems[tpl.signature] = vjp_problem(tpl.gm, tpl.n_x, recompute)
             if problems[tpl.signature]:
