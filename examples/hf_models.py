@@ -68,8 +68,8 @@ def build(name, n_layer):
                                                   "labels": torch.randint(0, 10, (B,))}
     if name == "resnet":
         # basic layers, no projection in stage 0 (embedding_size == hidden_sizes[0]); stage 1
-        # starts with a projection shortcut, where the chain is split: streams of n_layer and
-        # n_layer - 1 blocks
+        # starts with a projection shortcut, a step of the same stream (its dense K_l is the
+        # shortcut's VJP): one stream of 2 x n_layer blocks
         cfg = T.ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32],
                              depths=[n_layer, n_layer], layer_type="basic", num_labels=10)
         return T.ResNetForImageClassification(cfg), {"pixel_values": torch.randn(B, 3, 32, 32),
