@@ -109,3 +109,25 @@ def test_a_stream_that_starts_at_a_view_keeps_its_blocks():
     _, _, backend = compiled(model, (torch.randn(2, 4, 8, dtype=torch.float64),), 1)
     (stream,) = backend.reports[0].streams
     assert stream.length == 3 and not stream.views
+
+
+def test_views_with_symbolic_sizes():
+    """dynamic=True: the inverse views reshape to symbolic sizes (sym_size nodes); one graph
+    serves two batch sizes, the stream goes through the views, exact at k = L."""
+    import copy
+
+    from hbp_compile import hbp_backend
+    from helpers import exact, max_rel_err
+
+    torch.manual_seed(0)
+    model = FlattenedMLPs(2).double()
+    backend = hbp_backend(iters=4, codegen="eager")
+    for batch in (3, 5):
+        x = torch.randn(batch, 5, 8, dtype=torch.float64)
+        m = copy.deepcopy(model)
+        torch.compile(m, backend=backend, dynamic=True)(x).backward()
+        (stream,) = backend.reports[-1].streams
+        assert stream.length == 4 and stream.views, str(backend.reports[-1])
+        got = {n: p.grad for n, p in m.named_parameters()}
+        want = {n: g for n, g in exact(model, (x,))[1].items() if n in got}   # not x's
+        assert max_rel_err(got, want) < 1e-10

@@ -7,15 +7,17 @@ value, so
 
     P(x) + z  ==  P(x + P^-1(z))          (elementwise, to the bit)
 
-This pass rewrites every residual add of that form whose x is another step's output into the right-hand side: the add now reads
-x itself, the stream continues through it in x's shape (K_l stays the identity there), the block
-body starts with P(x) and ends with P^-1(z), and the add's readers get P of the new add. A P
-followed by its inverse (OPT's view back to 3-D) folds away, so the next add reads the new one.
+This pass rewrites every residual add of that form whose x is another step's output into the
+right-hand side: the add now reads x itself, the stream continues through it in x's shape (K_l
+stays the identity there), the block body starts with P(x) and ends with P^-1(z), and the add's
+readers get P of the new add. A P followed by its inverse (OPT's view back to 3-D) folds away,
+so the next add reads the new one.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .ops import PERMUTE_OPS, REINDEX_OPS
 from .post_norm import _emit
@@ -33,12 +35,18 @@ def _is_view(n: fx.Node) -> bool:
             n.target not in REINDEX_OPS | PERMUTE_OPS:
         return False
     a, out = tensor_meta(n.args[0]) if n.args else None, tensor_meta(n)
+    # (sizes may be symbolic: asked without adding a guard)
     if a is None or out is None or a.dtype != out.dtype or a.device != out.device \
-            or a.numel() != out.numel():
+            or not statically_known_true(a.numel() == out.numel()):
         return False
     if n.target is aten._to_copy.default:
         return set(n.kwargs) <= {"dtype", "device", "layout", "memory_format"}
     return True
+
+
+def _known_equal(a, b) -> bool:
+    """Sizes (or strides) equal for every value of their symbols, asked without a guard."""
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 def _view_chain(v: fx.Node) -> list[fx.Node]:
@@ -88,7 +96,7 @@ def _fold_inverse(p_of_y: fx.Node, y: fx.Node, chain: list[fx.Node]) -> None:
     for u in list(p_of_y.users):
         while _is_view(u) and u.target in REINDEX_OPS:
             out = tensor_meta(u)
-            if out.shape == want.shape and out.stride() == want.stride():
+            if _known_equal(out.shape, want.shape) and _known_equal(out.stride(), want.stride()):
                 u.replace_all_uses_with(y)
                 break
             if len(u.users) != 1:
