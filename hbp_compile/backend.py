@@ -23,7 +23,7 @@ from .config import HBPConfig
 from .debug import dump_report, readable
 from .logs import enabled as log_enabled
 from .logs import log
-from .report import BlockReport, GraphReport, GroupReport, SkipReport, StreamReport, _ranges
+from .report import BlockReport, GraphReport, GroupReport, SkipReport, StreamReport, ranges
 from .rewrite.highway_rnn import RNNSpec
 from .rewrite.highway_stream import StreamFailure
 from .rewrite.partition import partition_group
@@ -382,7 +382,7 @@ def _stream_report(name, seg: Segment, spec, batched, reasons) -> StreamReport:
         scan = "none (gamma=1: fixed-point iteration)"
     elif spec.projections:
         scan = (f"sequential, one state per position (x_l changes shape at projection step(s) "
-                f"{_ranges(sorted(spec.projections))}, whose dense K_l^T is the shortcut's VJP)")
+                f"{ranges(sorted(spec.projections))}, whose dense K_l^T is the shortcut's VJP)")
     elif spec.width > 1:
         m = spec.width
         scan = f"{spec.scan} scan with {m}x{m} K_l = dr/dx_l per coordinate (x_l has {m} " \

@@ -131,7 +131,7 @@ class GraphReport:
                 tied += f", {g.folded_norms} norm affine(s) folded" if g.folded_norms else ""
                 tied += f", per-block captures computed by {g.capture_ops} op(s) differentiated " \
                     f"batched" if g.capture_ops else ""
-                lines.append(f"    group {g.index}: {g.size} block(s) {_ranges(g.members)} {how}"
+                lines.append(f"    group {g.index}: {g.size} block(s) {ranges(g.members)} {how}"
                              f"{tied} -- {g.summary}")
             for b in s.blocks:
                 where = b.module_path or "?"
@@ -139,7 +139,7 @@ class GraphReport:
                              f"%{b.first} .. %{b.last} ({b.n_ops} ops)")
             if s.views:
                 lines.append(f"    stream continues through views at block(s) "
-                             f"{_ranges(sorted(s.views))} (the add reads x_l, its block starts "
+                             f"{ranges(sorted(s.views))} (the add reads x_l, its block starts "
                              f"with the view: {', '.join(dict.fromkeys(v for vs in s.views.values() for v in vs))})")
             if s.split:
                 lines.append(f"    {s.split}")
@@ -178,7 +178,7 @@ def graph_break_hint(reasons: list[str]) -> str:
             "capture_scalar_outputs = True")
 
 
-def _ranges(xs: list[int]) -> str:
+def ranges(xs: list[int]) -> str:
     """[0, 1, 2, 5] -> "0-2,5"; [0, 2, 4] -> "0-4/2"."""
     if len(xs) > 2:
         step = xs[1] - xs[0]

@@ -238,7 +238,8 @@ def projection_residual(node: fx.Node, index: GraphIndex,
     if len(sides) < 2 or not any(n.target is aten.add.Tensor and all(a in sides for a in n.args)
                                  for n in cone):
         return None
-    common = set.intersection(*[_ancestors(s) for s in sides])
+    ancestors = {s: _ancestors(s) for s in sides}
+    common = set.intersection(*ancestors.values())
     out = tensor_meta(node)
     x = max((c for c in common if tensor_meta(c) is not None and tensor_meta(c).ndim == out.ndim
              and tensor_meta(c).dtype == out.dtype), key=index.pos.__getitem__, default=None)
@@ -248,7 +249,7 @@ def projection_residual(node: fx.Node, index: GraphIndex,
     zs = tuple(l for l in sides if index.depends_on(l, x))
     caps = tuple(l for l in leaves if l not in zs)
     ordered = tuple(sorted(cone, key=index.pos.__getitem__))
-    after_x = [sum(index.pos[a] > index.pos[x] for a in _ancestors(z)) for z in zs]
+    after_x = [sum(index.pos[a] > index.pos[x] for a in ancestors[z]) for z in zs]
     return ResidualStep(node, x, zs, f"{PROJECTION} ({_kind_name(ordered)})", ordered, caps,
                         shortcut=after_x.index(min(after_x)))
 

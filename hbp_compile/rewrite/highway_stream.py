@@ -101,13 +101,18 @@ class StreamSpec:
     scan: str = "log-depth"              # "sequential" or "log-depth" (scan.choose_scan)
     width: int = 1                       # components of x_l (2 for an LSTM's (c, h))
     residual_caps: tuple = ()            # block l's residual-function captures (indices)
-    projections: frozenset = frozenset()  # steps l with a projection shortcut: K_l = 0, and
-                                         # x_{l+1} may have another shape than x_l
 
     @property
     def identity(self) -> bool:
         """Every step is x + z: K = I and the scan is a reverse cumsum."""
         return all(g.residual is None for g in self.groups)
+
+    @property
+    def projections(self) -> frozenset:
+        """Steps l with a projection shortcut: K_l is dense (the shortcut's VJP), and x_{l+1}
+        may have another shape than x_l."""
+        return frozenset(l for l in range(self.length)
+                         if self.groups[self.block_group[l]].shortcut >= 0)
 
     def rcaps_of(self, l: int) -> tuple:
         return self.residual_caps[l] if self.residual_caps else ()

@@ -9,7 +9,6 @@ import torch.fx as fx
 
 from ..analysis.blocks import Block
 from ..analysis.groups import Group
-from ..analysis.rules import PROJECTION
 from .highway_rnn import RNNSpec, highway_rnn
 from .highway_stream import CaptureSpec, GroupSpec, HighwayStream, StreamSpec
 from .partition import draws_only
@@ -76,9 +75,7 @@ def build_spec(name: str, blocks: list[Block], groups: list[Group], batched: lis
                       mutated_caps=mutated,
                       scan=_scan_form(len(blocks) + 1, device_type(blocks[0].x), scan,
                                       len(blocks[0].xs)),
-                      width=len(blocks[0].xs),
-                      projections=frozenset(l for l, b in enumerate(blocks)
-                                            if b.step.kind.startswith(PROJECTION)))
+                      width=len(blocks[0].xs))
     return spec, caps
 
 
