@@ -57,3 +57,7 @@ def string_backend(**options) -> HBPBackend:
     """The backend instance that `backend="hbp"` uses for these options (to read its reports)."""
     config = HBPConfig.from_options(options)
     return _string_backends.setdefault(config, HBPBackend(config))
+
+from .schedule import ScheduledIters, calibrated, stepwise  # noqa: E402
+
+__all__ += ["ScheduledIters", "calibrated", "stepwise"]
