@@ -29,7 +29,7 @@ PRESETS = {
     "gru": dict(block_size=128, batch_size=16, steps=1000, eval_every=50, lr=5e-3),
 }
 DEFAULT_VARIANTS = "exact,k0,k2,sched:0=0,0.5=2"
-FULL_VARIANTS = "exact,k0,k1,k2,k4,sched:0=0,0.5=2"
+FULL_VARIANTS = "exact,k0,k1,k2,k4,sched:0=0,0.5=2,calib"
 VAL_BATCHES = 8
 
 
@@ -69,6 +69,7 @@ def run_one(args) -> dict:
     B, T = preset["batch_size"], preset["block_size"]
     val_gen = torch.Generator().manual_seed(10_000 + args.seed)
     val = [corpus.batch("val", 64, T, val_gen) for _ in range(VAL_BATCHES)]
+    calib_gen = torch.Generator().manual_seed(20_000 + args.seed)   # calib variant's batches
 
     @torch.no_grad()
     def evaluate(m):
@@ -78,7 +79,8 @@ def run_one(args) -> dict:
     result = ttq.train(variant, model, steps=preset["steps"], eval_every=preset["eval_every"],
                        lr=preset["lr"], next_batch=lambda: corpus.batch("train", B, T, gen),
                        loss_of=lambda f, batch: f(*batch), evaluate=evaluate,
-                       items_per_step=B * T, unit="tok", hbp_options=dict(codegen=args.codegen))
+                       items_per_step=B * T, unit="tok", hbp_options=dict(codegen=args.codegen),
+                       calib_inputs=lambda: corpus.batch("train", B, T, calib_gen))
     result.update(model=args.model, seed=args.seed, preset=preset,
                   parameters=sum(p.numel() for p in model.parameters()))
     with open(args.out, "w") as f:
@@ -90,8 +92,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="gpt,gru", help="gpt, gru or both (comma-separated)")
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
-                   help="exact, k<k>, sched:<fraction>=<k>,... (comma-separated; a schedule's "
-                        "points are joined by commas too, so give it last or alone)")
+                   help="exact, k<k>, sched:<fraction>=<k>,... (k from that fraction of the run on), "
+                        "calib[:<every>] (k re-chosen by hbp_compile.calibrated); comma-separated")
     p.add_argument("--full", action="store_true", help=f"variants {FULL_VARIANTS}")
     p.add_argument("--steps", type=int, default=0, help="override the preset's steps")
     p.add_argument("--eval-every", type=int, default=0)

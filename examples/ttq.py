@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -31,10 +32,11 @@ class Variant:
     name: str
     iters: Optional[int] = None                     # fixed k
     schedule: Optional[list[tuple[int, int]]] = None     # stepwise (first_step, k)
+    calibrate_every: Optional[int] = None           # k re-chosen by hbp_compile.calibrated
 
     @property
     def exact(self) -> bool:
-        return self.iters is None and self.schedule is None
+        return self.iters is None and self.schedule is None and self.calibrate_every is None
 
 
 def parse_variant(spec: str, steps: int) -> Variant:
@@ -43,6 +45,10 @@ def parse_variant(spec: str, steps: int) -> Variant:
         return Variant("exact")
     if spec.startswith("k") and spec[1:].isdigit():
         return Variant(f"hbp k={spec[1:]}", iters=int(spec[1:]))
+    if spec == "calib" or spec.startswith("calib:"):
+        every = int(spec.split(":")[1]) if ":" in spec else max(steps // 4, 1)
+        return Variant(f"hbp calibrated every {every} (cos >= {CALIB_COSINE})",
+                       calibrate_every=every)
     if spec.startswith("sched:"):
         points = []
         for item in spec[len("sched:"):].split(","):
@@ -50,41 +56,72 @@ def parse_variant(spec: str, steps: int) -> Variant:
             points.append((int(round(float(at) * steps)), int(k)))
         label = " ".join(f"{k}@{at}" for at, k in points)
         return Variant(f"hbp schedule {label}", schedule=points)
-    raise ValueError(f"unknown variant {spec!r}: use exact, k<int> or sched:<frac>=<k>,...")
+    raise ValueError(f"unknown variant {spec!r}: use exact, k<int>, sched:<frac>=<k>,... or "
+                     "calib[:<every>]")
 
 
-def compile_variant(model: torch.nn.Module, variant: Variant, **hbp_options):
+CALIB_COSINE = 0.99                # the gradient cosine vs exact backprop a calibration asks for
+CALIB_CANDIDATES = (0, 1, 2, 4)
+
+
+def compile_variant(model: torch.nn.Module, variant: Variant, calib_inputs=None,
+                    calib_seconds=None, **hbp_options):
     """The callable a training step goes through, and the ScheduledIters (None for exact)."""
-    from hbp_compile import ScheduledIters, stepwise
+    from hbp_compile import ScheduledIters, calibrated, stepwise
 
     if variant.exact:
         return torch.compile(model, backend="inductor"), None
-    schedule = variant.iters if variant.schedule is None else stepwise(variant.schedule)
+    if variant.calibrate_every:
+        # its own batches (the training batches stay those of every other variant); eager
+        # codegen: each calibration compiles every candidate k on a copy of the model
+        chooser = calibrated(model, calib_inputs, every=variant.calibrate_every,
+                             target_cosine=CALIB_COSINE, candidates=CALIB_CANDIDATES,
+                             codegen="eager")
+
+        def schedule(step):
+            t0 = time.perf_counter()
+            k = chooser(step)
+            calib_seconds[step] = calib_seconds.get(step, 0.0) + time.perf_counter() - t0
+            return k
+        schedule.choices = chooser.choices
+    elif variant.schedule is not None:
+        schedule = stepwise(variant.schedule)
+    else:
+        schedule = variant.iters
     scheduled = ScheduledIters(model, schedule, **hbp_options)
     return scheduled, scheduled
 
 
 def train(variant: Variant, model: torch.nn.Module, *, steps: int, eval_every: int,
           lr: float, next_batch: Callable, loss_of: Callable, evaluate: Callable,
-          items_per_step: int, unit: str, hbp_options: Optional[dict] = None) -> dict:
+          items_per_step: int, unit: str, hbp_options: Optional[dict] = None,
+          cosine_decay: bool = False, calib_inputs: Optional[Callable] = None) -> dict:
     """Train one variant: the curve (step, train time, val metrics, k), timings and reports."""
     from tqdm import tqdm
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    step_fn, scheduled = compile_variant(model, variant, **(hbp_options or {}))
+    # cosine decay to lr / 10: a final quality that is not one noisy point of a constant-lr run
+    decay = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * min(s, steps) / steps))
+        if cosine_decay else 1.0)
+    calib_seconds: dict[int, float] = {}       # step -> seconds its calibration took
+    step_fn, scheduled = compile_variant(model, variant, calib_inputs, calib_seconds,
+                                         **(hbp_options or {}))
     durations, compiled_at, curve = [], [], []
     graphs_seen = 0
     bar = tqdm(range(steps), desc=variant.name, mininterval=2.0, file=sys.stderr)
     for step in bar:
         if step % eval_every == 0:
-            curve.append(_point(step, durations, compiled_at, scheduled, evaluate(model)))
+            curve.append(_point(step, durations, compiled_at, scheduled, evaluate(model),
+                                calib_seconds))
         batch = next_batch()
         t0 = time.perf_counter()
         loss = loss_of(step_fn, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        durations.append(time.perf_counter() - t0)
+        decay.step()
+        durations.append(time.perf_counter() - t0 - calib_seconds.get(step, 0.0))
         graphs = _graphs(scheduled)
         if step == 0 or graphs > graphs_seen:       # this step compiled
             compiled_at.append(step)
@@ -92,19 +129,27 @@ def train(variant: Variant, model: torch.nn.Module, *, steps: int, eval_every: i
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}",
                             **{f"{unit}/s": f"{items_per_step / durations[-1]:.0f}"})
-    curve.append(_point(steps, durations, compiled_at, scheduled, evaluate(model)))
+    curve.append(_point(steps, durations, compiled_at, scheduled, evaluate(model),
+                        calib_seconds))
     result = {"variant": variant.name, "iters": variant.iters, "schedule": variant.schedule,
               "steps": steps, "curve": curve,
-              "train_seconds": _train_seconds(durations, compiled_at, scheduled),
+              "train_seconds": _train_seconds(durations, compiled_at, scheduled)
+              + sum(calib_seconds.values()),
+              "calibrate_seconds": sum(calib_seconds.values()),
               "compile_seconds": sum(durations[s] for s in compiled_at),
               "items_per_step": items_per_step, "unit": unit}
     if scheduled is not None:
         result["ks"] = scheduled.ks
         result["k_uses"] = [dataclasses.asdict(u) for u in scheduled.uses()]
         result["graphs_compiled"] = scheduled.compiles()
+        result["calibrations"] = getattr(scheduled.schedule, "choices", None)
         result["reports"] = {k: [str(r) for r in b.reports] for k, b in scheduled.backends.items()}
         print(scheduled.summary(), file=sys.stderr)
     return result
+
+
+def _is_exact(result: dict) -> bool:
+    return result["variant"] == "exact"
 
 
 def _graphs(scheduled) -> int:
@@ -128,9 +173,10 @@ def _train_seconds(durations, compiled_at, scheduled) -> float:
     return total
 
 
-def _point(step, durations, compiled_at, scheduled, metrics) -> dict:
+def _point(step, durations, compiled_at, scheduled, metrics, calib_seconds) -> dict:
     ks = _steps_by_k(len(durations), scheduled)
-    return {"step": step, "seconds": _train_seconds(durations, compiled_at, scheduled),
+    seconds = _train_seconds(durations, compiled_at, scheduled) + sum(calib_seconds.values())
+    return {"step": step, "seconds": seconds,
             "k": ks[-1] if ks else None, **metrics}
 
 
@@ -156,7 +202,9 @@ def time_to_quality(results: list, metric: str, higher_is_better: bool,
                     tolerance: float, relative: bool) -> list:
     """Per variant: final quality, the steps and wall time to reach exact's final quality
     within `tolerance` (relative or absolute), and the quality reached in exact's wall time."""
-    exact = next(r for r in results if r["iters"] is None and r["schedule"] is None)
+    exact = next((r for r in results if _is_exact(r)), None)
+    if exact is None:
+        raise ValueError("time to quality needs the exact variant among the variants")
     final = exact["curve"][-1][metric]
     if higher_is_better:
         target = final - tolerance
@@ -206,7 +254,7 @@ def plot(results: list, metric: str, label: str, title: str, path: str,
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, r in enumerate(results):
-        style = dict(color="k", lw=2) if r["iters"] is None and r["schedule"] is None else \
+        style = dict(color="k", lw=2) if _is_exact(r) else \
             dict(color=f"C{i}", lw=1.3)
         steps = [p["step"] for p in r["curve"]]
         secs = [p["seconds"] for p in r["curve"]]
