@@ -62,7 +62,7 @@ charlm: $(STAMP) $(SHAKESPEARE)
 images: $(STAMP)
 	$(EX_ENV) $(PYTHON) examples/train_images.py
 
-hf-trainer: $(STAMP)
+hf-trainer: $(STAMP) $(SHAKESPEARE)
 	$(EX_ENV) $(PYTHON) examples/train_hf.py
 
 # the full tables of examples/README.md
