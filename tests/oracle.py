@@ -16,6 +16,8 @@ stream, so it never feeds a block VJP.
 """
 import torch
 
+from oracle_common import final_backward, per_stream
+
 
 def exact_backward(model, *inputs):
     """Plain backprop: model(*inputs).backward(); returns the detached loss."""
@@ -74,10 +76,7 @@ def highway_backward(streams, head, k, gamma=0.0):
     flat = [x for xs in states for x in xs]
     e_flat = torch.autograd.grad(loss, flat, retain_graph=True, allow_unused=True) if flat else []
     e_flat = [torch.zeros_like(x) if g is None else g for x, g in zip(flat, e_flat)]
-    injections, i = [], 0
-    for xs in states:
-        injections.append(e_flat[i : i + len(xs)])
-        i += len(xs)
+    injections = per_stream(e_flat, states)
 
     # One graph per block at its saved input, reused by every round and by the final VJP.
     with torch.enable_grad():
@@ -93,18 +92,8 @@ def highway_backward(streams, head, k, gamma=0.0):
             g = _scan(v, e, gamma)
         grads.append(g)
 
-    # Final backward, all at once so a shared graph (the prelude, tied weights) is walked once:
-    # the head's own parameters, block l's parameters at g^k_{l+1}, the prelude at g^k_0 + e_0.
-    roots, cotangents = ([loss], [torch.ones_like(loss)]) if loss.requires_grad else ([], [])
-    for (x0, _), z, g, e in zip(streams, zs, grads, injections):
-        for l, z_l in enumerate(z):
-            if z_l.requires_grad:
-                roots.append(z_l)
-                cotangents.append(g[l + 1])
-        if x0.requires_grad:
-            roots.append(x0)
-            cotangents.append(g[0] + e[0])
-    if roots:
-        torch.autograd.backward(roots, cotangents)
-
-    return loss.detach(), [[g[0] + e[0]] + g[1:] for g, e in zip(grads, injections)]
+    # Final backward: the head's own parameters, block l's parameters at g^k_{l+1}, the prelude
+    # at g^k_0 + e_0.
+    step_roots = [[(z_l, g[l + 1]) for l, z_l in enumerate(z) if z_l.requires_grad]
+                  for z, g in zip(zs, grads)]
+    return final_backward(loss, streams, step_roots, grads, injections)

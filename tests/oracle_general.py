@@ -27,6 +27,8 @@ With residual = lambda x, z: x + z the result equals oracle.highway_backward.
 """
 import torch
 
+from oracle_common import final_backward, per_stream
+
 
 def _grads(outputs, inputs, cotangents):
     """cotangents^T d outputs / d inputs, zeros for inputs the outputs do not depend on."""
@@ -62,6 +64,12 @@ class _Step:
 
     def j_vjp(self, zg):
         return _grads(self.zs, [self.x], zg)[0]
+
+    def final_roots(self, g):
+        """(root, cotangent) pairs of this step in the final backward at g = g^k_{l+1}: the
+        block's outputs at their cotangents (the residual's VJP at g), then the residual at g."""
+        _, zg = self.residual_vjp(g)
+        return [(z, c) for z, c in zip(self.zs, zg) if z.requires_grad] + [(self.out, g)]
 
 
 def _scan(steps, v, e, gamma):
@@ -99,11 +107,7 @@ def highway_backward_general(streams, head, k, gamma=0.0):
 
         loss = head(states)
     flat = [x for xs in states for x in xs]
-    e_flat = _grads([loss], flat, [torch.ones_like(loss)])
-    injections, i = [], 0
-    for xs in states:
-        injections.append(e_flat[i : i + len(xs)])
-        i += len(xs)
+    injections = per_stream(_grads([loss], flat, [torch.ones_like(loss)]), states)
 
     grads = []
     for steps, xs, e in zip(all_steps, states, injections):
@@ -117,24 +121,11 @@ def highway_backward_general(streams, head, k, gamma=0.0):
             g = _scan(steps, v, e, gamma)
         grads.append(g)
 
-    # Final backward, one call so that shared graph parts (prelude, tied or shared weights) are
-    # walked once: the head, each block at the zs-cotangents of g^k_{l+1}, each residual at
-    # g^k_{l+1} (its own parameters / side inputs), the prelude at g^k_0 + e_0. The private leaf
-    # copies (states, zs_in) also collect .grad here; they are dropped on return.
-    roots, cotangents = ([loss], [torch.ones_like(loss)]) if loss.requires_grad else ([], [])
-    for (x0, _), steps, g, e in zip(streams, all_steps, grads, injections):
-        for l, step in enumerate(steps):
-            _, zg = step.residual_vjp(g[l + 1])
-            for z, c in zip(step.zs, zg):
-                if z.requires_grad:
-                    roots.append(z)
-                    cotangents.append(c)
-            roots.append(step.out)
-            cotangents.append(g[l + 1])
-        if x0.requires_grad:
-            roots.append(x0)
-            cotangents.append(g[0] + e[0])
-    if roots:
-        torch.autograd.backward(roots, cotangents)
+    # Final backward (one call, oracle_common.final_backward): the head, each block at the
+    # zs-cotangents of g^k_{l+1}, each residual at g^k_{l+1} (its own parameters / side inputs),
+    # the prelude at g^k_0 + e_0. The private leaf copies (states, zs_in) also collect .grad
+    # there; they are dropped on return.
+    step_roots = [[pair for step, g_next in zip(steps, g[1:]) for pair in step.final_roots(g_next)]
+                  for steps, g in zip(all_steps, grads)]
+    return final_backward(loss, streams, step_roots, grads, injections)
 
-    return loss.detach(), [[g[0] + e[0]] + g[1:] for g, e in zip(grads, injections)]

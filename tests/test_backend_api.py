@@ -1,14 +1,13 @@
 """The user-facing surface: option validation, backend="hbp", strict mode, dumps, fallbacks."""
 import json
-import zlib
 
 import pytest
 import torch
 import torch.nn as nn
 
 import hbp_compile
-from hbp_compile import HBPError, hbp_backend
-from helpers import compiled, exact, max_rel_err, worst_param
+from hbp_compile import hbp_backend
+from helpers import assert_exact, compiled, exact, max_rel_err, worst_param
 from models import MLPBlock, ResMLP
 
 
@@ -159,28 +158,19 @@ class PostNorm(nn.Module):
         return x.pow(2).sum()
 
 
-def test_post_ln_is_one_stream_exact_at_L():
+@pytest.mark.parametrize("post,k,tol", [("ln", 3, 1e-10), ("rms", 0, 0)])
+def test_post_norm_stream_exact(post, k, tol):
+    """Post-LN: one stream, exact at k = L. Post-RMSNorm: each x + f(x) is a lone step, the
+    report names the op the stream passes through, and the gradients are exact bit for bit."""
     torch.manual_seed(9)
-    model = PostNorm("ln").double()
+    model = PostNorm(post).double()
     x = torch.randn(3, 8, dtype=torch.double)
-    _, want = exact(model, (x,))
-    _, got, backend = compiled(model, (x,), 3)
-    (report,) = backend.reports
-    assert [(s.length, s.residual_kind) for s in report.streams] == [(3, "post-LN")]
-    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
-
-
-def test_post_rms_norm_stays_exact_and_says_why():
-    """Each x + f(x) is a lone step; the report names the op the stream passes through."""
-    torch.manual_seed(9)
-    model = PostNorm("rms").double()
-    x = torch.randn(3, 8, dtype=torch.double)
-    _, want = exact(model, (x,))
-    _, got, backend = compiled(model, (x,), 0)
-    (report,) = backend.reports
-    assert report.streams == [] and report.residual_steps == 3
-    assert any("the stream passes through aten." in s.reason for s in report.skipped), report
-    assert max_rel_err(got, want) == 0.0
+    (report,) = assert_exact(model, (x,), k, tol=tol).reports
+    if post == "ln":
+        assert [(s.length, s.residual_kind) for s in report.streams] == [(3, "post-LN")]
+    else:
+        assert report.streams == [] and report.residual_steps == 3
+        assert any("the stream passes through aten." in s.reason for s in report.skipped), report
 
 
 def test_deep_recursion_is_scoped():

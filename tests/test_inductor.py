@@ -3,8 +3,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from helpers import compiled, exact, max_rel_err, oracle, worst_param
+from helpers import assert_matches, compiled, exact, max_rel_err, oracle, worst_param
 from models import GPT, ResMLP
+from models_general import LSTMLoop
+from test_residual_kinds import lstm_oracle
 
 pytestmark = pytest.mark.inductor
 
@@ -20,16 +22,27 @@ def test_inductor_exact_at_L_resmlp():
     assert backend.reports[0].streams[0].vjps_per_round == {str(r): 1 for r in range(1, 5)} | {"final": 1}
 
 
-def test_inductor_matches_oracle_gpt():
-    """A pre-LN GPT with two groups (attention, MLP), k = 1 < L = 4, float64."""
-    torch.manual_seed(12)
-    model = GPT(n_layer=2).double()
+INDUCTOR_VS_ORACLE = {
+    # a pre-LN GPT with two groups (attention, MLP), k = 1 < L = 4, float64
+    "gpt": (12, lambda: GPT(n_layer=2), oracle),
+    # the (c, h) state and its 2 x 2 matrix scan
+    "lstm_widened_state": (14, lambda: LSTMLoop(T=6), lstm_oracle),
+}
+
+
+@pytest.mark.parametrize("name", INDUCTOR_VS_ORACLE)
+def test_inductor_matches_oracle(name):
+    seed, factory, reference = INDUCTOR_VS_ORACLE[name]
+    torch.manual_seed(seed)
+    model = factory().double()
     inputs = model.example_inputs(2)
-    _, want = oracle(model, inputs, 1)
-    _, got, backend = compiled(model, inputs, 1, codegen="inductor")
-    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+    _, _, backend = assert_matches(reference(model, inputs, 1)[1], model, inputs, 1,
+                                   codegen="inductor")
     (stream,) = backend.reports[0].streams
-    assert [g.batched for g in stream.groups] == [True, True]
+    if name == "gpt":
+        assert [g.batched for g in stream.groups] == [True, True]
+    else:
+        assert "widened" in stream.residual_kind
 
 
 def test_inductor_caches_are_keyed_by_the_rewrite():
@@ -46,20 +59,6 @@ def test_inductor_caches_are_keyed_by_the_rewrite():
             assert max_rel_err(got, want) < 1e-10, (k, worst_param(got, want))
     # the last compile (iters=1 again) is served from the cache, and still right
     assert counters["inductor"]["fxgraph_cache_hit"] == 2
-
-
-def test_inductor_lstm_widened_state_matches_oracle():
-    """The (c, h) state and its 2 x 2 matrix scan, compiled by Inductor."""
-    from models_general import LSTMLoop
-    from test_residual_kinds import lstm_oracle
-
-    torch.manual_seed(14)
-    model = LSTMLoop(T=6).double()
-    inputs = model.example_inputs(2)
-    _, want = lstm_oracle(model, inputs, 1)
-    _, got, backend = compiled(model, inputs, 1, codegen="inductor")
-    assert "widened" in backend.reports[0].streams[0].residual_kind
-    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
 
 
 def test_inductor_post_ln_with_dropout_exact_at_L():

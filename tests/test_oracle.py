@@ -3,46 +3,27 @@
 - k >= L: Highway-BP is exact (Theorem 1), so the oracle must match loss.backward().
 - k < L: on linear blocks the Highway-BP gradient is a finite sum over paths crossing at most k
   blocks; enumerate the paths explicitly and compare.
-- gamma = 1: Highway-BP is the fixed-point iteration of Wang & Ragni; write that loop inline.
+- gamma = 1: Highway-BP is the fixed-point iteration of Wang & Ragni; that loop written out
+  inline (helpers.fixed_point_iteration).
 """
-import itertools
-import zlib
-
 import pytest
 import torch
 import torch.nn as nn
 
+from helpers import (DIFFERENT, EXACT, all_grads, assert_exact_from, assert_grads_close,
+                     assert_oracle_exact, build_case, case_id, exact_state_grads,
+                     fixed_point_iteration, linear_injections, make_inputs, path_sum, rel_err,
+                     seed_of, zero_grads)
 from models import GPT, InjectedHead, NoResidual, ResMLP, TwoStreams, stream_loss
+from models_general import as_general
 from oracle import exact_backward, highway_backward, param_grads
-
-EXACT = 1e-10  # float64 rel err of two summation orders of the same gradient
-DIFFERENT = 1e-8  # a missing path shows up far above rounding
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add contention (3x slower on a busy box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def assert_grads_close(got, want, tol=EXACT):
-    errs = {name: rel_err(got[name], want[name]) for name in want}
-    assert max(errs.values()) < tol, {n: e for n, e in errs.items() if e >= tol}
-
 
 # -----------------------------------------------------------------------------
 # the models, by name, at a given stream length L
 
 
 def make_model(name, L):
-    """A float64 model whose (every) stream has L steps."""
+    """(float64 model whose (every) stream has L steps, stream_view kwargs: none here)."""
     if name == "resmlp":
         model = ResMLP(d=8, hidden=16, n_blocks=L)
     elif name == "gpt":
@@ -61,18 +42,7 @@ def make_model(name, L):
         model = NoResidual(d=8, hidden=16, n_layers=L)
     else:
         raise ValueError(name)
-    return model.double()
-
-
-def make_inputs(model, batch_size=3):
-    """Example inputs; float ones require grad so the input gradient is checked too."""
-    return tuple(
-        x.requires_grad_() if x.is_floating_point() else x for x in model.example_inputs(batch_size)
-    )
-
-
-def input_grads(inputs):
-    return {f"input{i}": x.grad.clone() for i, x in enumerate(inputs) if x.is_floating_point()}
+    return model.double(), {}
 
 
 STREAM_CASES = (
@@ -83,28 +53,6 @@ STREAM_CASES = (
 )
 
 
-def case_id(case):
-    return f"{case[0]}-L{case[1]}"
-
-
-def seed_of(*args):
-    """A distinct, reproducible seed per test case."""
-    return zlib.crc32(repr(args).encode())
-
-
-def exact_state_grads(streams, head):
-    """d loss / d x_l for every state of every stream, by plain backprop through the stream."""
-    states = []
-    for x0, blocks in streams:
-        xs = [x0]
-        for blk in blocks:
-            xs.append(xs[-1] + blk(xs[-1]))
-        states.append(xs)
-    flat = [x for xs in states for x in xs]
-    grads = iter(torch.autograd.grad(head(states), flat))
-    return [[next(grads) for _ in xs] for xs in states]
-
-
 # -----------------------------------------------------------------------------
 # the models' own contract
 
@@ -112,9 +60,7 @@ def exact_state_grads(streams, head):
 @pytest.mark.parametrize("case", STREAM_CASES + [("noresidual", 4)], ids=case_id)
 def test_stream_view_matches_forward(case):
     name, L = case
-    torch.manual_seed(seed_of("view", case))
-    model = make_model(name, L)
-    inputs = make_inputs(model)
+    model, _, inputs = build_case(make_model, case, "view", case)
     streams, head = model.stream_view(*inputs)
     assert all(len(blocks) == L for _, blocks in streams)
     assert (len(streams) == 0) == (name == "noresidual")
@@ -129,27 +75,13 @@ def test_stream_view_matches_forward(case):
 @pytest.mark.parametrize("extra_rounds", [0, 3])
 @pytest.mark.parametrize("case", STREAM_CASES, ids=case_id)
 def test_exact_when_k_at_least_L(case, extra_rounds, gamma):
-    name, L = case
-    torch.manual_seed(seed_of("exact", case, extra_rounds, gamma))
-    model = make_model(name, L)
-    inputs = make_inputs(model)
-
-    want_loss = exact_backward(model, *inputs)
-    want = {**param_grads(model), **input_grads(inputs)}
-    model.zero_grad(set_to_none=True)
-    for x in inputs:
-        x.grad = None
-
-    loss, _ = highway_backward(*model.stream_view(*inputs), k=L + extra_rounds, gamma=gamma)
-    assert torch.equal(loss, want_loss)
-    assert_grads_close({**param_grads(model), **input_grads(inputs)}, want)
+    model, view, inputs = build_case(make_model, case, "exact", case, extra_rounds, gamma)
+    assert_oracle_exact(highway_backward, model, view, inputs, case[1] + extra_rounds, gamma)
 
 
 @pytest.mark.parametrize("k", [0, 2])
 def test_no_residual_is_plain_backprop(k):
-    torch.manual_seed(seed_of("nores", k))
-    model = make_model("noresidual", 4)
-    (x,) = make_inputs(model)
+    model, _, (x,) = build_case(make_model, ("noresidual", 4), "nores", k)
     exact_backward(model, x)
     want = {**param_grads(model), "x": x.grad.clone()}
     model.zero_grad(set_to_none=True)
@@ -187,10 +119,8 @@ def test_shared_block_accumulates(L):
 )
 def test_exactness_boundary(case, gamma):
     name, L = case
-    torch.manual_seed(seed_of("boundary", case, gamma))
-    model = make_model(name, L)
-    inputs = make_inputs(model)
-    want = exact_state_grads(*model.stream_view(*inputs))
+    model, _, inputs = build_case(make_model, case, "boundary", case, gamma)
+    want = exact_state_grads(stream_loss, *model.stream_view(*inputs))
     exact_backward(model, *inputs)
     want_params = param_grads(model)
 
@@ -207,10 +137,7 @@ def test_exactness_boundary(case, gamma):
         model.zero_grad(set_to_none=True)
         _, got = highway_backward(*model.stream_view(*inputs), k=k, gamma=gamma)
         got_params = param_grads(model)
-        for g_stream, want_stream in zip(got, want):
-            for l in range(L + 1):
-                err = rel_err(g_stream[l], want_stream[l])
-                assert (err < EXACT) if k >= L - l else (err > DIFFERENT), (k, l, err)
+        assert_exact_from(got, want, k, lambda l: L - l)
         # block l reads g^k_{l+1}: exact iff k >= L - 1 - l; the head is always exact
         if step_modules is not None:
             for l in range(L):
@@ -225,23 +152,6 @@ def test_exactness_boundary(case, gamma):
 
 # -----------------------------------------------------------------------------
 # k < L on linear blocks: enumerate the paths (Theorem 1) in closed form
-
-
-def path_sum(Ws, e, m, k, gamma):
-    """Sum over paths from each injection e_j (j >= m) back to x_m that cross at most k blocks.
-
-    Step l is crossed either through the block, w -> w @ W_l + gamma w (z = x W^T + gamma x), or
-    along the residual, w -> (1 - gamma) w. Row-vector gradients of shape (B, d).
-    """
-    total = torch.zeros_like(e[m])
-    for j in range(m, len(Ws) + 1):
-        for n_blocks in range(min(k, j - m) + 1):
-            for S in itertools.combinations(range(m, j), n_blocks):
-                w = e[j]
-                for l in reversed(range(m, j)):
-                    w = w @ Ws[l] + gamma * w if l in S else (1 - gamma) * w
-                total = total + w
-    return total
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["distinct", "shared"])
@@ -267,10 +177,7 @@ def test_linear_blocks_match_path_sum(L, k, gamma, shared):
     _, (got,) = highway_backward([(x, layers)], head, k=k, gamma=gamma)
 
     # the injections and the forward states, written out directly
-    e = [torch.zeros(B, d, dtype=torch.float64) for _ in range(L + 1)]
-    e[L] += c_L
-    e[m] += c[m]
-    e[0] += c[0]
+    e = linear_injections(L, m, c[0], c[m], c_L)
     xs = [x.detach()]
     for layer in layers:
         xs.append(xs[-1] + xs[-1] @ layer.weight.detach().T)
@@ -290,7 +197,7 @@ def test_linear_blocks_match_path_sum(L, k, gamma, shared):
 
 
 # -----------------------------------------------------------------------------
-# gamma = 1: the fixed-point iteration of Wang & Ragni, written out inline
+# gamma = 1: the fixed-point iteration of Wang & Ragni (helpers.fixed_point_iteration)
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 5])
@@ -300,28 +207,11 @@ def test_gamma_one_is_fixed_point_iteration(model_cls, k):
     L = 5
     model = model_cls(d=8, hidden=16, n_blocks=L).double()
     (x,) = make_inputs(model)
-    [(_, blocks)], head = model.stream_view(x)
-
-    # Fixed-point iteration: every g_l is recomputed from the previous iterate only,
-    # g_l <- J'_l^T g_{l+1} + e_l with J' the Jacobian of block(x) + x; no sweep along the chain.
-    with torch.no_grad():
-        xs = [x.detach()]
-        for blk in blocks:
-            xs.append(xs[-1] + blk(xs[-1]))
-    xs = [s.clone().requires_grad_() for s in xs]
-    loss = head([xs])
-    e = list(torch.autograd.grad(loss, xs, retain_graph=True, materialize_grads=True))
-    g = [torch.zeros_like(e[0])] + e[1:]  # iterate 0: the injections; nothing has reached x_0 yet
-    for _ in range(k):
-        g = [
-            torch.autograd.grad(blk(xl) + xl, xl, g[l + 1])[0] + (e[l] if l > 0 else 0)
-            for l, (blk, xl) in enumerate(zip(blocks, xs[:L]))
-        ] + [e[L]]
-    for blk, xl, g_next in zip(blocks, xs[:L], g[1:]):
-        torch.autograd.backward(blk(xl), g_next)
-    loss.backward()
-    want = {**param_grads(model), "x": g[0] + e[0]}
-    model.zero_grad(set_to_none=True)
+    streams, head = model.stream_view(x)
+    [(x0, steps)] = as_general(streams)
+    fixed_point_iteration(x0, steps, head, k)
+    want = all_grads(model, (x,))
+    zero_grads(model, (x,))
 
     highway_backward(*model.stream_view(x), k=k, gamma=1.0)
-    assert_grads_close({**param_grads(model), "x": x.grad}, want)
+    assert_grads_close(all_grads(model, (x,)), want)

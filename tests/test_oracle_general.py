@@ -4,17 +4,18 @@
 - k >= L: Highway-BP is exact (Theorem 1), so the oracle must match loss.backward();
 - identity residuals: the general oracle equals oracle.highway_backward at every k;
 - k < L on a linear model with diagonal K: closed-form path sums;
-- gamma = 1: the fixed-point iteration, written out inline;
+- gamma = 1: the fixed-point iteration, written out inline (helpers.fixed_point_iteration);
 - Theorem 1's boundary (g^k_l exact iff k >= L - l) with non-identity K;
 - BatchNorm buffers, nn.GRUCell equivalence, the two post-LN and the two LSTM decompositions.
 """
-import itertools
-import zlib
-
 import pytest
 import torch
 import torch.nn as nn
 
+from helpers import (DIFFERENT, EXACT, all_grads, assert_exact_from, assert_grads_close,
+                     assert_oracle_exact, build_case, case_id, exact_state_grads,
+                     fixed_point_iteration, linear_injections, make_inputs, path_sum, rel_err,
+                     seed_of, zero_grads)
 from models import GPT, InjectedHead, ResMLP, TwoStreams
 from models_general import (
     ElmanLoop,
@@ -29,33 +30,8 @@ from models_general import (
     as_identity,
     stream_loss_general,
 )
-from oracle import highway_backward, param_grads
+from oracle import highway_backward
 from oracle_general import highway_backward_general
-
-EXACT = 1e-10  # float64 rel err of two summation orders of the same gradient
-DIFFERENT = 1e-8  # a missing path shows up far above rounding
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def assert_grads_close(got, want, tol=EXACT):
-    assert got.keys() == want.keys()
-    errs = {name: rel_err(got[name], want[name]) for name in want}
-    assert max(errs.values()) < tol, {n: e for n, e in errs.items() if e >= tol}
-
-
-def seed_of(*args):
-    return zlib.crc32(repr(args).encode())
 
 
 # -----------------------------------------------------------------------------
@@ -90,25 +66,6 @@ def make_model(name, L):
     return model.double(), view
 
 
-def make_inputs(model, batch_size=3):
-    """Example inputs; float ones require grad so the input gradient is checked too."""
-    return tuple(
-        x.requires_grad_() if x.is_floating_point() else x for x in model.example_inputs(batch_size)
-    )
-
-
-def all_grads(model, inputs):
-    g = param_grads(model)
-    g.update({f"input{i}": x.grad.clone() for i, x in enumerate(inputs) if x.requires_grad})
-    return g
-
-
-def zero_grads(model, inputs):
-    model.zero_grad(set_to_none=True)
-    for x in inputs:
-        x.grad = None
-
-
 CASES = (
     [("postact", L) for L in (1, 3)]
     + [("gru", L) for L in (1, 5, 12)]
@@ -121,23 +78,6 @@ CASES = (
 )
 
 
-def case_id(case):
-    return f"{case[0]}-L{case[1]}"
-
-
-def exact_state_grads(streams, head):
-    """d loss / d x_l for every state of every stream, by plain backprop through the stream."""
-    states = []
-    for x0, steps in streams:
-        xs = [x0]
-        for block, residual in steps:
-            xs.append(residual(xs[-1], *block(xs[-1])))
-        states.append(xs)
-    flat = [x for xs in states for x in xs]
-    grads = iter(torch.autograd.grad(head(states), flat, materialize_grads=True))
-    return [[next(grads) for _ in xs] for xs in states]
-
-
 # -----------------------------------------------------------------------------
 # (a) the models' own contract
 
@@ -145,9 +85,7 @@ def exact_state_grads(streams, head):
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_stream_view_matches_forward(case):
     name, L = case
-    torch.manual_seed(seed_of("view", case))
-    model, view = make_model(name, L)
-    inputs = make_inputs(model)
+    model, view, inputs = build_case(make_model, case, "view", case)
     streams, head = model.stream_view(*inputs, **view)
     assert all(len(steps) == L for _, steps in streams)
     got, want = stream_loss_general(streams, head), model(*inputs)
@@ -175,9 +113,7 @@ def test_grucell_decomposition_is_nn_grucell(hidden):
 
 def test_batchnorm_buffers_updated_once_per_pass():
     """The oracle calls each BatchNorm block once: its buffers end up as after one forward."""
-    torch.manual_seed(seed_of("bn-buffers"))
-    model, _ = make_model("postact", 3)
-    inputs = make_inputs(model)
+    model, _, inputs = build_case(make_model, ("postact", 3), "bn-buffers")
     start = {n: b.clone() for n, b in model.named_buffers()}
 
     model(*inputs)
@@ -199,23 +135,11 @@ def test_batchnorm_buffers_updated_once_per_pass():
 @pytest.mark.parametrize("extra_rounds", [0, 2])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_exact_when_k_at_least_L(case, extra_rounds, gamma):
-    name, L = case
-    torch.manual_seed(seed_of("exact", case, extra_rounds, gamma))
-    model, view = make_model(name, L)
-    inputs = make_inputs(model)
-
-    want_loss = model(*inputs)
-    want_loss.backward()
-    want = all_grads(model, inputs)
-    zero_grads(model, inputs)
-
-    streams, head = model.stream_view(*inputs, **view)
-    loss, _ = highway_backward_general(streams, head, k=L + extra_rounds, gamma=gamma)
-    if name == "postln_paper":
-        assert rel_err(loss, want_loss.detach()) < 1e-14
-    else:
-        assert torch.equal(loss, want_loss.detach())
-    assert_grads_close(all_grads(model, inputs), want)
+    model, view, inputs = build_case(make_model, case, "exact", case, extra_rounds, gamma)
+    # the paper's algebra re-associates LayerNorm's arithmetic: its loss is equal to rounding only
+    loss_tol = 1e-14 if case[0] == "postln_paper" else 0.0
+    assert_oracle_exact(highway_backward_general, model, view, inputs, case[1] + extra_rounds,
+                        gamma, loss_tol)
 
 
 # -----------------------------------------------------------------------------
@@ -276,23 +200,6 @@ def test_identity_residual_equals_identity_oracle(name, k, gamma):
 # (d) k < L, linear steps x_{l+1} = a_l * x_l + x_l W_l^T: paths in closed form
 
 
-def path_sum(As, Ws, e, m, k, gamma):
-    """Sum over paths from each injection e_j (j >= m) back to x_m crossing at most k blocks.
-
-    Step l is crossed through the block, w -> w @ W_l + gamma * a_l * w (gamma split), or along
-    the residual, w -> (1 - gamma) * a_l * w. Row-vector gradients of shape (B, d).
-    """
-    total = torch.zeros_like(e[m])
-    for j in range(m, len(Ws) + 1):
-        for n_blocks in range(min(k, j - m) + 1):
-            for S in itertools.combinations(range(m, j), n_blocks):
-                w = e[j]
-                for l in reversed(range(m, j)):
-                    w = w @ Ws[l] + gamma * As[l] * w if l in S else (1 - gamma) * As[l] * w
-                total = total + w
-    return total
-
-
 @pytest.mark.parametrize("gamma", [0.0, 0.3])
 @pytest.mark.parametrize("k", [0, 1, 2, 3])
 @pytest.mark.parametrize("L", [1, 2, 5, 7])
@@ -315,10 +222,7 @@ def test_diagonal_K_matches_path_sum(L, k, gamma):
 
     _, (got,) = highway_backward_general([(x, steps)], head, k=k, gamma=gamma)
 
-    e = [torch.zeros(B, d, dtype=torch.float64) for _ in range(L + 1)]
-    e[L] += cL
-    e[m] += cm
-    e[0] += c0
+    e = linear_injections(L, m, c0, cm, cL)
     As = [a.detach() for a in scales]
     Ws = [lin.weight.detach() for lin in layers]
     xs = [x.detach()]
@@ -326,16 +230,16 @@ def test_diagonal_K_matches_path_sum(L, k, gamma):
         xs.append(a * xs[-1] + xs[-1] @ W.T)
 
     for l in range(L + 1):
-        assert rel_err(got[l], path_sum(As, Ws, e, l, k, gamma)) < EXACT, l
-    assert rel_err(x.grad, path_sum(As, Ws, e, 0, k, gamma)) < EXACT
+        assert rel_err(got[l], path_sum(Ws, e, l, k, gamma, As)) < EXACT, l
+    assert rel_err(x.grad, path_sum(Ws, e, 0, k, gamma, As)) < EXACT
     for l in range(L):
-        g_next = path_sum(As, Ws, e, l + 1, k, gamma)
+        g_next = path_sum(Ws, e, l + 1, k, gamma, As)
         assert rel_err(layers[l].weight.grad, g_next.T @ xs[l]) < EXACT, l
         assert rel_err(scales[l].grad, (g_next * xs[l]).sum(0)) < EXACT, l
 
 
 # -----------------------------------------------------------------------------
-# (e) gamma = 1: the fixed-point iteration (Wang & Ragni), written out inline
+# (e) gamma = 1: the fixed-point iteration (Wang & Ragni), helpers.fixed_point_iteration
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 5])
@@ -343,29 +247,9 @@ def test_diagonal_K_matches_path_sum(L, k, gamma):
     "case", [("gated", 5), ("gru", 6), ("lstm_ch", 5), ("postln", 4)], ids=case_id
 )
 def test_gamma_one_is_fixed_point_iteration(case, k):
-    name, L = case
-    torch.manual_seed(seed_of("fpi", case, k))
-    model, view = make_model(name, L)
-    inputs = make_inputs(model)
+    model, view, inputs = build_case(make_model, case, "fpi", case, k)
     [(x0, steps)], head = model.stream_view(*inputs, **view)
-
-    # every g_l is recomputed from the previous iterate only, through the full step Jacobian
-    # K_l + J_l (the VJP of residual(x, *block(x)) in x); no sweep along the chain.
-    with torch.no_grad():
-        xs = [x0.detach()]
-        for block, residual in steps:
-            xs.append(residual(xs[-1], *block(xs[-1])))
-    xs = [s.clone().requires_grad_() for s in xs]
-    loss = head([xs])
-    e = list(torch.autograd.grad(loss, xs, retain_graph=True, materialize_grads=True))
-    g = [torch.zeros_like(e[0])] + e[1:]  # iterate 0: the injections only
-    for _ in range(k):
-        g = [
-            torch.autograd.grad(residual(xl, *block(xl)), xl, g[l + 1])[0] + (e[l] if l > 0 else 0)
-            for l, ((block, residual), xl) in enumerate(zip(steps, xs[:L]))
-        ] + [e[L]]
-    roots = [loss, x0] + [residual(xl, *block(xl)) for (block, residual), xl in zip(steps, xs[:L])]
-    torch.autograd.backward(roots, [torch.ones_like(loss), g[0] + e[0]] + g[1:])
+    fixed_point_iteration(x0, steps, head, k)
     want = all_grads(model, inputs)
     zero_grads(model, inputs)
 
@@ -386,10 +270,8 @@ def test_gamma_one_is_fixed_point_iteration(case, k):
 )
 def test_exactness_boundary(case, gamma):
     name, L = case
-    torch.manual_seed(seed_of("boundary", case, gamma))
-    model, view = make_model(name, L)
-    inputs = make_inputs(model)
-    want = exact_state_grads(*model.stream_view(*inputs, **view))
+    model, view, inputs = build_case(make_model, case, "boundary", case, gamma)
+    want = exact_state_grads(stream_loss_general, *model.stream_view(*inputs, **view))
 
     def exact_from(l):
         """The first k at which g^k_l is exact: L - l, one earlier where block l ignores x_l."""
@@ -401,10 +283,7 @@ def test_exactness_boundary(case, gamma):
 
     for k in range(L + 1):
         _, got = highway_backward_general(*model.stream_view(*inputs, **view), k=k, gamma=gamma)
-        for g_stream, want_stream in zip(got, want):
-            for l in range(L + 1):
-                err = rel_err(g_stream[l], want_stream[l])
-                assert (err < EXACT) if k >= exact_from(l) else (err > DIFFERENT), (k, l, err)
+        assert_exact_from(got, want, k, exact_from)
 
 
 # -----------------------------------------------------------------------------
@@ -426,9 +305,7 @@ def test_post_ln_decompositions(L):
     gradients differ below the exactness boundary: the layers' parameters (VJP at g^k_{l+1})
     agree once k >= L - 1, the prelude (through g^k_0) once k >= L.
     """
-    torch.manual_seed(seed_of("postln-two", L))
-    model, _ = make_model("postln", L)
-    inputs = make_inputs(model)
+    model, _, inputs = build_case(make_model, ("postln", L), "postln-two", L)
     for k in range(L + 1):
         full = decomposition_grads(model, inputs, {}, k)
         paper = decomposition_grads(model, inputs, {"paper_algebra": True}, k)
@@ -453,9 +330,7 @@ def test_lstm_decompositions(L):
     exact from k = L); in (c, o) block 0 reads h0 as a side input, which gets block 0's final VJP
     at g^k_1 (exact from k = L - 1). So h0 differs for k < L and agrees at k >= L.
     """
-    torch.manual_seed(seed_of("lstm-two", L))
-    model, _ = make_model("lstm_ch", L)
-    inputs = make_inputs(model)
+    model, _, inputs = build_case(make_model, ("lstm_ch", L), "lstm-two", L)
     for k in range(L + 1):
         ch = decomposition_grads(model, inputs, {"view": "ch"}, k)
         co = decomposition_grads(model, inputs, {"view": "co"}, k)

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from helpers import compiled, exact, max_rel_err, oracle, worst_param
 from hbp_compile import hbp_backend
-from models import GPT, ResMLP
+from models import GPT, BlockStack, ResMLP
 
 
 @pytest.mark.parametrize("factory", [lambda: ResMLP(n_blocks=5), lambda: GPT(n_layer=2)],
@@ -69,21 +69,12 @@ def test_compiled_autograd_runs_the_highway_backward():
     assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
 
 
-class BNResNet(nn.Module):
+class BNResNet(BlockStack):
     """Pre-activation-style residual blocks with BatchNorm in train mode."""
 
     def __init__(self, n=4, d=8):
-        super().__init__()
-        self.blocks = nn.ModuleList(
+        super().__init__(
             nn.Sequential(nn.BatchNorm1d(d), nn.ReLU(), nn.Linear(d, d)) for _ in range(n))
-
-    def forward(self, x):
-        for blk in self.blocks:
-            x = x + blk(x)
-        return x.pow(2).mean()
-
-    def stream_view(self, x):
-        return [(x, list(self.blocks))], lambda states: states[0][-1].pow(2).mean()
 
 
 @pytest.mark.parametrize("k", [1, 4])
