@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from . import rnn_ops                            # noqa: F401 - registers torch.ops.hbp.*
-from .rewrite.highway_stream import annotate
+from .rewrite.group_vjp import annotate
 
 RNN_FUNCTIONS = {torch.gru: "gru", torch.lstm: "lstm", torch.rnn_tanh: "rnn_tanh",
                  torch.rnn_relu: "rnn_relu"}

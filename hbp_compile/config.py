@@ -11,6 +11,10 @@ SCANS = ("auto", "sequential", "chunked", "log-depth", "op")      # rewrite.scan
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+class HBPError(RuntimeError):
+    """Raised in strict mode where the pass would otherwise fall back to exact backprop."""
+
+
 @dataclasses.dataclass(frozen=True)
 class HBPConfig:
     """Everything that changes the graphs the pass emits (and so belongs in a cache key)."""

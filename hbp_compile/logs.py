@@ -2,7 +2,8 @@
 
     HBP_LOG=report            each graph's report at INFO, on stderr
     HBP_LOG=report,graphs     also the captured, rewritten, forward and backward graphs
-    HBP_LOG=all               everything (same as report,graphs)
+    HBP_LOG=passes            each pass of the pipeline: its time (and its graph, in dumps)
+    HBP_LOG=all               everything (same as report,graphs,passes)
 
 Like TORCH_LOGS, it is read once, at import. Without it the logger stays silent unless the
 application configures `logging.getLogger("hbp_compile")` itself.
@@ -13,7 +14,7 @@ import logging
 import os
 
 log = logging.getLogger("hbp_compile")
-ARTIFACTS = ("report", "graphs")
+ARTIFACTS = ("report", "graphs", "passes")
 _enabled: set[str] = set()
 
 

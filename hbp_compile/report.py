@@ -117,7 +117,9 @@ class GraphReport:
             lines.append("  compile: " + ", ".join(f"{k.removesuffix('_s')} {v:.2f}s"
                                                    for k, v in self.timings.items()))
         for s in self.streams:
-            inj = ", ".join(f"x_{l}" for l in s.injections) or "none"
+            inj = ", ".join(f"x_{l}" for l in s.injections) if len(s.injections) <= 8 else \
+                f"x_l, l in {ranges(s.injections)} ({len(s.injections)} states)"
+            inj = inj or "none"
             planned = "(planned, not applied) " if self.fallback_reason is not None else ""
             lines.append(f"  {planned}stream {s.name}: L={s.length}, {s.residual_kind} residual, "
                          f"x_0={s.x0}, scan={s.scan}, gradient injected at: {inj}"
@@ -185,3 +187,69 @@ def ranges(xs: list[int]) -> str:
         if step > 0 and all(b - a == step for a, b in zip(xs, xs[1:])):
             return f"[{xs[0]}-{xs[-1]}" + (f"/{step}]" if step > 1 else "]")
     return "[" + ",".join(map(str, xs)) + "]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the reports of rewritten streams (called by the pipeline's replace passes).
+
+def stream_report(seg, spec, batched, reasons) -> StreamReport:
+    """The report of a rewritten stream: its planned segment and the spec its backward runs."""
+    from .analysis.views import VIEWS
+    from .rewrite.scan import describe as describe_scan
+
+    blocks = [BlockReport(l, b.body[0].name, b.body[-1].name, b.module_path,
+                          spec.block_group[l], len(b.body))
+              for l, b in enumerate(seg.blocks)]
+    groups = [GroupReport(gi, g.template.signature, g.template.summary, list(g.members),
+                          batched[gi], reasons[gi], sum(g.shared),
+                          g.partition.n_saved if g.partition is not None else -1,
+                          g.recompute_reason,
+                          g.partition.folded if g.partition is not None else 0,
+                          spec.groups[gi].capture.fn_ops if spec.groups[gi].capture else 0)
+              for gi, g in enumerate(seg.groups)]
+    views = {l: list(b.step.node.meta[VIEWS]) for l, b in enumerate(seg.blocks)
+             if VIEWS in b.step.node.meta}
+    return StreamReport(name=spec.name, length=len(seg.blocks), residual_kind=seg.kind,
+                        x0=seg.x0.name, blocks=blocks, groups=groups,
+                        injections=sorted({l for l, _ in spec.state_outputs if l < spec.length}),
+                        side_outputs=sum(len(b.side_outputs) for b in seg.blocks),
+                        scan=describe_scan(spec), split=seg.split, views=views)
+
+
+_RNN_RESIDUALS = {"rnn_tanh": "none (h_t = tanh(.), K = 0)",
+                  "rnn_relu": "none (h_t = relu(.), K = 0)",
+                  "gru": "GRU gate z h + (1 - z) n", "lstm": "LSTM (c, h): c = f c + i g"}
+
+
+def rnn_stream_report(spec, node, n_params: int) -> StreamReport:
+    """The report of an RNN module's layer rewritten as a HighwayRNN stream over time."""
+    from .rewrite.scan import describe_rnn
+
+    mode, x, hx = node.args[:3]
+    T = x.meta["val"].shape[0]
+    steps = size_hint(T)
+    H = hx[0].meta["val"].shape[-1]
+    where = (node.meta.get("custom") or {}).get("hbp_rnn", mode)
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    out = [u for u in node.users if u.args[1] == 0 and u.users]
+    words = f"{steps} steps" if isinstance(T, int) else \
+        f"T steps (symbolic; {steps} at compile time)"
+    group = GroupReport(0, f"{mode} cell", f"{mode} cell, hidden {H}, weights shared by all "
+                        f"{words}: one VJP over T x B rows per round", list(range(steps)), True,
+                        shared_captures=n_params, saved=-1,
+                        recompute_reason="the gates of all T steps, in one batched cell forward "
+                        "from the op's outputs (ATen's RNN op saves none)")
+    return StreamReport(name=spec.name, length=steps, residual_kind=_RNN_RESIDUALS[mode],
+                        x0=hx[0].name, blocks=[], groups=[group],
+                        injections=list(range(1, steps)) if out else [], side_outputs=0,
+                        scan=describe_rnn(mode, spec.scan),
+                        source=f"{path}: {where}".strip(": "))
+
+
+def size_hint(n) -> int:
+    """An int, or a SymInt's value at compile time (its hint), read without adding a guard."""
+    if isinstance(n, int):
+        return n
+    hint = getattr(n.node, "hint", None)
+    return int(hint) if hint is not None else 0

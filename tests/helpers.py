@@ -265,3 +265,12 @@ def linear_injections(L, m, c0, cm, cL):
     e[m] += cm
     e[0] += c0
     return e
+
+
+def live_blocks(L: int, k: int, r: int) -> range:
+    """The blocks whose round-r VJP can change a gradient, when x_0 needs one (gamma = 0); an
+    unbatched backward computes just those (AOTAutograd's CSE and dead-code elimination drop
+    the others). Block l reads g^{r-1}_{l+1}, which is final from round L - l - 1 on (the same
+    values as the round before: CSE merges the VJPs); its input gradient reaches the outputs
+    only through g^r_0..g^r_l, and round r + j reads g^r_j at block j - 1 (dead below k - r)."""
+    return range(max(0, k - r), min(L - 1, L - r) + 1)

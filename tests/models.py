@@ -78,6 +78,23 @@ class ResMLP(nn.Module):
         return (torch.randn(batch_size, self.d, dtype=_dtype(self)),)
 
 
+class BlockStack(nn.Module):
+    """x_{l+1} = x_l + blocks[l](x_l) around any blocks, loss mean(x_L^2): the plainest stream
+    for a block under test (subclasses choose the blocks and example inputs)."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = x + blk(x)
+        return x.pow(2).mean()
+
+    def stream_view(self, x):
+        return [(x, list(self.blocks))], lambda states: states[0][-1].pow(2).mean()
+
+
 # -----------------------------------------------------------------------------
 # GPT: a pre-LN transformer, nanoGPT style (no dropout, no weight init tricks)
 
@@ -431,3 +448,50 @@ class NormStack(ResMLP):
 
     def example_inputs(self, batch_size=3):
         return (torch.randn(batch_size, 5, self.d, dtype=_dtype(self)),)
+
+
+# -----------------------------------------------------------------------------
+# Small graphs for the pipeline's passes one at a time (tests/test_analysis.py).
+
+class ViewedMLPs(ResMLP):
+    """ResMLP whose stream is flattened to (B * S, d) for every other block and viewed back:
+    residual adds through views (push_views moves them onto the stream)."""
+
+    def forward(self, x):                                # x: (B, S, d)
+        for i, blk in enumerate(self.blocks):
+            if i % 2:
+                flat = x.reshape(-1, x.size(-1))         # (B * S, d)
+                x = (flat + blk(flat)).view(x.shape)
+            else:
+                x = x + blk(x)
+        return self._loss(x)
+
+    def example_inputs(self, batch_size=2):
+        return (torch.randn(batch_size, 3, self.d, dtype=_dtype(self)),)
+
+
+class NormStemResMLP(ResMLP):
+    """A BatchNorm (train mode) stem outside the stream, then the residual MLP blocks."""
+
+    def __init__(self, d=16, hidden=32, n_blocks=3):
+        super().__init__(d, hidden, n_blocks)
+        self.stem = nn.BatchNorm1d(d)
+
+    def forward(self, x):
+        return super().forward(self.stem(x))
+
+
+class GRUHead(nn.Module):
+    """nn.GRU over T steps and a linear head on every step's output."""
+
+    def __init__(self, n_in=3, hidden=4, layers=1):
+        super().__init__()
+        self.rnn = nn.GRU(n_in, hidden, num_layers=layers)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, xs):                               # xs: (T, B, n_in)
+        out, _ = self.rnn(xs)
+        return self.head(out).square().mean()
+
+    def example_inputs(self, T=5, batch_size=2):
+        return (torch.randn(T, batch_size, self.rnn.input_size, dtype=_dtype(self)),)

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from ..report import describe
-from .ops import VMAP_DECOMPOSED
+from .ops import VMAP_DECOMPOSED, device_type
 
 
 def vmappable(template: fx.GraphModule):
@@ -179,3 +179,32 @@ def vjp_problem(gm: fx.GraphModule, n_x: int = 1, recompute: bool = False) -> Op
     except Exception as e:                          # noqa: BLE001 - becomes the report's reason
         return f"{how} cannot differentiate the block: {describe(e)}"
     return None
+
+
+def batching_decision(group, batched, strict: bool = False) -> tuple[bool, str]:
+    """Batch this group's VJPs (the `batched` option: True, False or "auto")? And why not."""
+    if group.size == 1:
+        return False, "a single block"
+    if not batched:
+        return False, "batching disabled (batched=False)"
+    if batched == "auto" and (why := _not_worth_batching(group)):
+        return False, why
+    reason = batching_problem(group)
+    if reason is not None and strict:
+        from ..config import HBPError
+        raise HBPError(f"group of {group.size} blocks cannot be batched: {reason}")
+    return reason is None, reason or ""
+
+
+def _not_worth_batching(group) -> str:
+    """batched="auto": why batching this group would cost more than it saves, or "".
+
+    A batched round stacks the members' saved activations and (unless tied) their weights, a
+    copy of each every step. On a GPU that copy is cheap next to the kernel launches it saves;
+    on a CPU nothing is saved (the same arithmetic, one thread), so only tied-weight groups
+    (an RNN cell over time: no weights to stack, and T copies of the VJP otherwise) batch."""
+    x = group.template.gm.graph.find_nodes(op="placeholder")[0]
+    if device_type(x) == "cuda" or any(group.shared):
+        return ""
+    return ("auto: on a CPU, stacking the members' weights and saved activations costs more "
+            "than one batched VJP saves (batched=True forces it)")

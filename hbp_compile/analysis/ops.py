@@ -3,6 +3,7 @@ make a block heavy, move no values, draw random numbers, index a member's piece,
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 
 aten = torch.ops.aten
 
@@ -96,3 +97,9 @@ def is_pointwise_op(target) -> bool:
     """An aten overload tagged pointwise (elementwise arithmetic, no views)."""
     return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags \
         and not target.is_view
+
+
+def device_type(node: fx.Node) -> str:
+    """The device type of a node's value ("cpu" where unknown)."""
+    val = node.meta.get("val")
+    return val.device.type if isinstance(val, torch.Tensor) else "cpu"

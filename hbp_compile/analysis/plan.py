@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ..logs import log
 from .batching import vjp_problem
 from .blocks import Block, BlockError, excluded_by, extract_block
 from .captures import capture_fn
@@ -162,8 +163,11 @@ def plan_streams(graph: fx.Graph, min_length: int = 2, exclude: tuple = (),
     segments = []
     sources = {st.x0 for st in streams}
     for stream in streams:
-        stream, dropped = widen_stream(stream, index)
-        skips += [Skip(step.node.name, why) for step, why in dropped]
+        widening = widen_stream(stream, index)
+        if widening.why_not:
+            log.debug("stream at %s not widened: %s", stream.steps[0].node, widening.why_not)
+        stream = widening.stream
+        skips += [Skip(step.node.name, why) for step, why in widening.dropped]
         for run in _split_stream(graph, stream, index, claimed, skips, exclude, recompute,
                                  ends):
             blocks, templates = [b for b, _ in run], [t for _, t in run]

@@ -71,44 +71,35 @@ class _Head:
 
     nodes: list
     outputs: list
+    body: set = dataclasses.field(default_factory=set)
 
 
-def widen_stream(stream: Stream, index: GraphIndex) -> tuple[Stream, list]:
+@dataclasses.dataclass
+class Widening:
+    """What widen_stream decided: the stream (widened or as it came), the steps it left out
+    of the widened stream with why, and why it did not widen ("" if it did, or had no need)."""
+
+    stream: Stream
+    dropped: list = dataclasses.field(default_factory=list)
+    why_not: str = ""
+
+
+def widen_stream(stream: Stream, index: GraphIndex) -> Widening:
     """The stream with x_l widened by the block readouts that carry a value between steps, or
-    the stream unchanged where no block reads one (see the module docstring); and the steps
-    left out of the widened stream, with why."""
+    the stream unchanged where no block reads one (see the module docstring)."""
     steps = stream.steps
-    L = len(steps)
-    heads, carried = [], False
-    for l, step in enumerate(steps):
-        _, body = body_nodes(step.zs, {step.stream}, index)
-        nodes = _readout(body, step.stream, index)
-        outs = [n for n in nodes if any(u in body and u not in nodes for u in n.users)]
-        heads.append(_Head(nodes, outs))
-        if l > 0:                                  # reads a value computed from x_{l-1}?
-            prev = steps[l - 1].stream
-            carried |= any(i not in body and i not in nodes and i is not step.stream
-                           and index.depends_on(i, prev)
-                           for n in nodes for i in n.all_input_nodes)
-    if not carried:
-        return stream, []
+    heads = [_head(step, index) for step in steps]
+    if not _carries(steps, heads, index):
+        return Widening(stream)
     dropped = []
     while heads and not heads[0].outputs:          # a first step whose block reads x_0 itself
         dropped.append((steps[0], "first step of a widened (LSTM-like) stream: its block reads "
                                   "x_0 itself, not the state the later blocks read; it runs "
                                   "exact backprop as part of the prelude"))
         steps, heads = steps[1:], heads[1:]
-    L = len(steps)
-    if L == 0 or any(not h.outputs for h in heads):
-        return stream, []
-    shape = [str(n.target) for n in heads[0].nodes]
-    if any([str(n.target) for n in h.nodes] != shape or len(h.outputs) != len(heads[0].outputs)
-           for h in heads):
-        return stream, []
-    xv = tensor_meta(steps[0].stream)
-    if any(tensor_meta(o) is None or not _same_layout(tensor_meta(o), xv)
-           for h in heads for o in h.outputs):
-        return stream, []
+    why = _unlike_heads(steps, heads)
+    if why:
+        return Widening(stream, why_not=why)
     # the readout of x_L: the same nodes found again after the last step
     env = _match(heads[-1].nodes, steps[-1].stream, steps[-1].node, index)
     if env is not None:
@@ -117,22 +108,60 @@ def widen_stream(stream: Stream, index: GraphIndex) -> tuple[Stream, list]:
         dropped.append((steps[-1], "last step of a widened (LSTM-like) stream: the rest of its "
                                    "state (h_L) is never computed; it runs exact backprop"))
         steps = steps[:-1]
-        L -= 1
-        if L == 0:
-            return stream, []
-    wide = []
-    for l in range(L):
-        step, nxt = steps[l], heads[l + 1]
-        states = (step.stream, *heads[l].outputs)
-        residual = tuple(sorted(set(step.residual) | set(nxt.nodes), key=index.pos.__getitem__))
-        inside = set(residual)
-        leaves = sorted({i for n in residual for i in n.all_input_nodes
-                         if i not in inside and i not in states}, key=index.pos.__getitem__)
-        zs = tuple(z for z in leaves if any(index.depends_on(z, s) for s in states))
-        if not any(_has_heavy_op(z, s, index) for z in zs for s in states):
-            return stream, []
-        caps = tuple(c for c in leaves if c not in zs)
-        wide.append(ResidualStep(step.node, step.stream, zs, f"{step.kind}, state widened to "
-                                 f"{1 + len(nxt.outputs)} tensors (LSTM-like)", residual, caps,
-                                 tuple(heads[l].outputs), tuple(nxt.outputs)))
-    return Stream(wide), dropped
+        if not steps:
+            return Widening(stream, why_not="a single step, whose h_L is never computed")
+    wide = [_widened_step(steps[l], heads[l], heads[l + 1], index) for l in range(len(steps))]
+    if any(w is None for w in wide):
+        return Widening(stream, why_not="a step's residual function has no heavy op between "
+                                        "its states and its block outputs")
+    return Widening(Stream(wide), dropped)
+
+
+def _head(step: ResidualStep, index: GraphIndex) -> _Head:
+    """The readout at the head of a step's block, and which of its nodes the block reads."""
+    _, body = body_nodes(step.zs, {step.stream}, index)
+    nodes = _readout(body, step.stream, index)
+    return _Head(nodes, [n for n in nodes if any(u in body and u not in nodes for u in n.users)],
+                 body)
+
+
+def _carries(steps, heads, index: GraphIndex) -> bool:
+    """Does some block read a value computed from the previous state other than x_l?"""
+    for l in range(1, len(steps)):
+        prev, h = steps[l - 1].stream, heads[l]
+        if any(i not in h.body and i not in h.nodes and i is not steps[l].stream
+               and index.depends_on(i, prev) for n in h.nodes for i in n.all_input_nodes):
+            return True
+    return False
+
+
+def _unlike_heads(steps, heads) -> str:
+    """Why the readouts cannot be one widened state (missing, unlike, or another layout)."""
+    if not steps or any(not h.outputs for h in heads):
+        return "a block reads no carried value at its head"
+    shape = [str(n.target) for n in heads[0].nodes]
+    if any([str(n.target) for n in h.nodes] != shape or len(h.outputs) != len(heads[0].outputs)
+           for h in heads):
+        return "the blocks' readouts differ"
+    xv = tensor_meta(steps[0].stream)
+    if any(tensor_meta(o) is None or not _same_layout(tensor_meta(o), xv)
+           for h in heads for o in h.outputs):
+        return "a carried value has another shape or layout than x_l"
+    return ""
+
+
+def _widened_step(step: ResidualStep, head: _Head, nxt: _Head, index: GraphIndex):
+    """The step with state (x_l, *head outputs) and r extended by the next block's readout;
+    None where r would hold no heavy op (then it is no block's residual function)."""
+    states = (step.stream, *head.outputs)
+    residual = tuple(sorted(set(step.residual) | set(nxt.nodes), key=index.pos.__getitem__))
+    inside = set(residual)
+    leaves = sorted({i for n in residual for i in n.all_input_nodes
+                     if i not in inside and i not in states}, key=index.pos.__getitem__)
+    zs = tuple(z for z in leaves if any(index.depends_on(z, s) for s in states))
+    if not any(_has_heavy_op(z, s, index) for z in zs for s in states):
+        return None
+    caps = tuple(c for c in leaves if c not in zs)
+    return ResidualStep(step.node, step.stream, zs, f"{step.kind}, state widened to "
+                        f"{1 + len(nxt.outputs)} tensors (LSTM-like)", residual, caps,
+                        tuple(head.outputs), tuple(nxt.outputs))

@@ -24,7 +24,8 @@ import dataclasses
 import torch
 
 from .. import rnn_ops                           # noqa: F401 - registers torch.ops.hbp.*
-from .highway_stream import annotate, failures_name
+from .group_vjp import annotate
+from .highway_stream import failures_name
 from .scan import reverse_scan_op
 
 

@@ -10,7 +10,9 @@ import torch.fx as fx
 from ..analysis.blocks import Block
 from ..analysis.groups import Group
 from .highway_rnn import RNNSpec, highway_rnn
-from .highway_stream import CaptureSpec, GroupSpec, HighwayStream, StreamSpec
+from .highway_stream import HighwayStream
+from .spec import CaptureSpec, GroupSpec, StreamSpec
+from ..analysis.ops import device_type  # noqa: F401 - the pass imports it here
 from .partition import draws_only
 from .scan import choose_matrix_scan, choose_scan
 
@@ -95,12 +97,6 @@ def _scan_form(n: int, device: str, scan: str, width: int) -> str:
     """The scan's form for n positions; widened (m x m) states have fewer forms."""
     form = choose_scan(n, device, scan)
     return form if width == 1 else choose_matrix_scan(n, form)
-
-
-def device_type(node: fx.Node) -> str:
-    """The device type of a node's value ("cpu" where unknown)."""
-    val = node.meta.get("val")
-    return val.device.type if isinstance(val, torch.Tensor) else "cpu"
 
 
 def replace_stream(graph: fx.Graph, spec: StreamSpec, blocks: list[Block], caps: list,

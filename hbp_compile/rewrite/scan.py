@@ -200,3 +200,213 @@ def reverse_matrix_scan(a: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         p = (p.unsqueeze(3) * p_far.unsqueeze(1)).sum(2)
         d *= 2
     return g
+
+
+# ---------------------------------------------------------------------------------------------
+# The stream's scan, round after round: how HighwayStream's backward lays out g and solves for
+# it. Chosen here, in one place (stream_scan), which also gives the report its words.
+#
+#   StackedScan    g is one (L + 1, [m,] *x) tensor: a group's cotangents are one slice, the
+#                  scan one of the forms above (the batched VJPs read their rows without a copy)
+#   PositionScan   g is one tensor per position, scanned position by position: where x_l
+#                  changes shape (projection steps), and where every group runs one VJP per
+#                  block and the scan is the sequential loop anyway: each g_l is then freed as
+#                  soon as its block's VJP has read it, instead of a stream-sized buffer living
+#                  through the round (and the forward's last rows no longer pin the next one).
+
+def layout(spec) -> str:
+    """"position" or "stacked": how the backward holds a stream's g (see above)."""
+    if spec.projections:
+        return "position"
+    if spec.width == 1 and spec.scan == "sequential" and spec.gamma != 1 \
+            and not any(g.batched for g in spec.groups):
+        return "position"
+    return "stacked"
+
+
+def describe(spec) -> str:
+    """The report's words for the scan of a stream."""
+    where = ", one state per position" if layout(spec) == "position" else ""
+    if spec.gamma == 1:
+        return "none (gamma=1: fixed-point iteration)"
+    if spec.projections:
+        from ..report import ranges
+        return (f"sequential, one state per position (x_l changes shape at projection step(s) "
+                f"{ranges(sorted(spec.projections))}, whose dense K_l^T is the shortcut's VJP)")
+    decay = f" x (1-gamma)={1 - spec.gamma:g}" if spec.gamma else ""
+    if spec.width > 1:
+        m = spec.width
+        return f"{spec.scan} scan with {m}x{m} K_l = dr/dx_l per coordinate (x_l has {m} " \
+            f"components)" + decay
+    if not spec.identity:
+        return f"{spec.scan} diagonal scan, K_l = dr/dx_l" + decay + where
+    if spec.gamma:
+        return f"{spec.scan} scan, K=(1-gamma)I={1 - spec.gamma:g}I" + where
+    return {"sequential": f"reverse sum ({spec.length} fused adds)",
+            "chunked": "chunked reverse sum", "op": "reverse sum (one op)"}.get(
+                spec.scan, "reverse cumsum") + where
+
+
+def describe_rnn(mode: str, form: str) -> str:
+    """The report's words for the scan over time of an RNN module's layer."""
+    if mode.startswith("rnn"):
+        return "none (K = 0)"
+    return f"{form} diagonal scan over time" + \
+        (", K = diag(z)" if mode == "gru" else ", K in c: f (h through o tanh'(c) f)")
+
+
+def stream_scan(spec, inject, vjps, xs):
+    """The scan of one stream's backward: inject[l] are the gradients (m components, None: 0)
+    injected at x_l from outside it; vjps the linearised groups (their K)."""
+    cls = PositionScan if layout(spec) == "position" else StackedScan
+    return cls(spec, inject, vjps, xs)
+
+
+def _stack(tensors):
+    from .group_vjp import stack
+    return stack(tensors)
+
+
+class PositionScan:
+    """g as a list of L + 1 tensors; K_l diagonal, the identity, or a projection's dense K_l^T."""
+
+    def __init__(self, spec, inject, vjps, xs):
+        L = self.L = spec.length
+        self.gamma, self.decay = spec.gamma, 1.0 - spec.gamma
+        self.K = [None] * L                              # diagonal K_l; None: the identity
+        self.dense = {}                                  # projection step l -> its group
+        for v in vjps:
+            if v.group.residual is not None:
+                for i, l in enumerate(v.members):
+                    self.K[l] = v.K[i]
+            if v.group.shortcut >= 0:
+                self.dense.update({l: v for l in v.members})
+        self.dtypes = [x[0].dtype for x in xs]
+        self.e = [None if e[0] is None else e[0].to(dt) for e, dt in zip(inject, self.dtypes)]
+        self.e.append(inject[L][0] if inject[L][0] is not None or self.dense
+                      else torch.zeros_like(xs[-1][0]))
+
+    def k_t(self, l, g):
+        """K_l^T g_{l+1}."""
+        if l in self.dense:
+            return self.dense[l].k_t(l, g)
+        return g if self.K[l] is None else self.K[l] * g
+
+    def first(self):
+        """Round 0: g^0 from the injected gradients alone."""
+        return self._scan(list(self.e))
+
+    def next(self, parts, G):
+        """Round r: A_l = e_l + the block VJPs at l (+ gamma K_l^T g^{r-1}_{l+1}); scan."""
+        A = list(self.e)
+        for members, v in parts:
+            for i, l in enumerate(members):
+                A[l] = _plus(A[l], v[i].to(self.dtypes[l]))
+        if self.gamma:
+            for l in range(self.L):
+                A[l] = _plus(A[l], self.gamma * self.k_t(l, G[l + 1]))
+        return self._scan(A)
+
+    def _scan(self, A):
+        """g_l = (1 - gamma) K_l^T g_{l+1} + A_l, from g_L = A_L down (None: no A_l)."""
+        G = [None] * self.L + [A[self.L]]
+        for l in reversed(range(self.L)):
+            kg = self.k_t(l, G[l + 1])
+            G[l] = _plus(A[l], kg if self.decay == 1.0 else self.decay * kg)
+        return G
+
+    def cotangents(self, G, vjp):
+        """The members' g_{l+1}: one per member, or stacked for a batched group."""
+        rows = [G[l + 1] for l in vjp.members]
+        return _stack(rows) if vjp.batched else rows
+
+    def g0(self, G):
+        return [G[0]]
+
+
+def _plus(a, b):
+    return b if a is None else a + b
+
+
+class StackedScan:
+    """g as one (L + 1, [m,] *x) tensor; K_l the identity, diagonal, or m x m per coordinate."""
+
+    def __init__(self, spec, inject, vjps, xs):
+        self.L, self.m = L, m = spec.length, spec.width
+        self.gamma, self.decay, self.form = spec.gamma, 1.0 - spec.gamma, spec.scan
+        self.x0 = x0 = xs[0][0]
+        self.inject = inject
+        self.zero = self._row([None] * m)
+        # Most streams take gradients at x_L only: E is then never built, a stream-sized
+        # buffer less per round (rows without a block VJP are filled with e_L instead)
+        self.only_last = all(v is None for e in inject[:L] for v in e)
+        self.e_last = self._row(inject[L])
+        self.E = None if self.only_last else self._injections()
+        if spec.identity:
+            self.K = None
+        elif m == 1:                    # K_l = dr/dx_l, (L, *x.shape); 1 for x + z steps
+            self.K = _to_stream([(v.members, v.K) for v in vjps if v.group.residual is not None],
+                                L, torch.ones_like(x0))[:L]
+        else:                           # widened: m x m per coordinate, (L, m, m, *x)
+            self.K = _to_stream([(v.members, v.K) for v in vjps], L, vjps[0].K[0])[:L]
+
+    def _row(self, values):
+        """m per-component tensors (None: 0) -> one row (*x) or (m, *x)."""
+        rows = [torch.zeros_like(self.x0) if v is None else v.to(self.x0.dtype) for v in values]
+        return rows[0] if self.m == 1 else torch.stack(rows)
+
+    def _injections(self):
+        return _stack([self._row(e) for e in self.inject])        # (L + 1, [m,] *x)
+
+    def _scan(self, A):
+        if self.K is None:              # a sequential reverse sum is L fused adds (aten's
+            return reverse_scan(A, self.decay, self.form)     # cumsum along dim 0 is slow)
+        if self.m == 1:
+            return reverse_scan(A, self.decay * self.K, self.form)
+        matrix_scan = reverse_matrix_scan_sequential if self.form == "sequential" \
+            else reverse_matrix_scan
+        return matrix_scan(A, self.decay * self.K)
+
+    def first(self):
+        """Round 0: g^0 from the injected gradients alone."""
+        if self.only_last and self.K is None and self.decay == 1.0:   # every g^0_l is e_L
+            return self.e_last.unsqueeze(0).expand(self.L + 1, *self.e_last.shape)
+        return self._scan(self.E if self.E is not None else self._injections())
+
+    def next(self, parts, G):
+        """Round r: A = E + the block VJPs (+ gamma K^T g^{r-1}_{+1}); scan."""
+        A = _to_stream(parts, self.L, self.e_last) if self.E is None else \
+            _to_stream(parts, self.L, self.zero) + self.E
+        if self.gamma:                                       # gamma split: + gamma K g_{l+1}
+            K = self.K
+            kg = G[1:] if K is None else K * G[1:] if self.m == 1 else \
+                (K * G[1:].unsqueeze(2)).sum(1)                  # K_l^T g_{l+1}
+            A = A + self.gamma * torch.cat([kg, self.zero.unsqueeze(0)])
+        return self._scan(A)
+
+    def cotangents(self, G, vjp):
+        """The members' g_{l+1}, (n, [m,] *x): a strided slice where the members are evenly
+        spaced (no copy), a stack otherwise."""
+        idx = [l + 1 for l in vjp.members]
+        if len(idx) == 1:
+            return G[idx[0]].unsqueeze(0)
+        step = idx[1] - idx[0]
+        if step > 0 and all(b - a == step for a, b in zip(idx, idx[1:])):
+            return G[idx[0]: idx[-1] + 1: step]
+        return _stack([G[i] for i in idx])
+
+    def g0(self, G):
+        return [G[0]] if self.m == 1 else list(G[0].unbind(0))
+
+
+def _to_stream(parts, length: int, fill: torch.Tensor) -> torch.Tensor:
+    """Per-group rows (members, stacked (n, *x) or one per member) -> (length + 1, *x), the
+    rows without a block filled with `fill`: one copy."""
+    if len(parts) == 1 and isinstance(parts[0][1], torch.Tensor) \
+            and list(parts[0][0]) == list(range(length)):
+        return torch.cat([parts[0][1], fill.unsqueeze(0)])
+    rows = [None] * (length + 1)
+    for members, t in parts:
+        for i, l in enumerate(members):
+            rows[l] = t[i]
+    return _stack([fill if r is None else r for r in rows])
