@@ -7,7 +7,6 @@ tests/oracle.py. recompute=True (the re-linearising backward) is checked against
 """
 import pytest
 import torch
-import torch.nn as nn
 from torch._dynamo.utils import counters
 
 from helpers import compiled, exact, live_blocks, max_rel_err, oracle, worst_param
