@@ -2,11 +2,12 @@
 train_images.py share.
 
 A variant is exact backprop (`torch.compile(model, backend="inductor")`) or Highway-BP at a fixed
-iters k or on a schedule (hbp_compile.ScheduledIters: one compile per distinct k). Each variant
+iters k, on a stepwise schedule, or re-chosen by hbp_compile.calibrated every N steps (all
+through hbp_compile.ScheduledIters: one compile per distinct k). Each variant
 runs in its own process (a fresh Dynamo: an RNN module met by one backend is skipped by all
 others in the process), from the same seed, on the same batches. Wall time counts training steps
 only: validation is excluded, and a step that compiled (the first step of each k) counts as the
-median step of that k; compile time is reported apart.
+median step of that k; compile time is reported apart; calibration time is counted.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ EXAMPLES = os.path.dirname(os.path.abspath(__file__))
 
 @dataclasses.dataclass
 class Variant:
-    """exact, hbp k=<k>, or hbp schedule <first_step>:<k>,..."""
+    """Exact backprop, or Highway-BP at a fixed k, on a stepwise schedule, or calibrated."""
 
     name: str
     iters: Optional[int] = None                     # fixed k
@@ -40,7 +41,8 @@ class Variant:
 
 
 def parse_variant(spec: str, steps: int) -> Variant:
-    """'exact', 'k2', or 'sched:0=0,0.5=2' (first step as a fraction of the run, k)."""
+    """'exact', 'k2', 'sched:0=0,0.5=2' (first step as a fraction of the run = k) or
+    'calib[:every]' (k re-chosen every `every` steps, a quarter of the run by default)."""
     if spec == "exact":
         return Variant("exact")
     if spec.startswith("k") and spec[1:].isdigit():
