@@ -92,14 +92,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="gpt,gru", help="gpt, gru or both (comma-separated)")
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
-                   help="exact, k<k>, sched:<fraction>=<k>,... (k from that fraction of the run on), "
+                   help="exact, k<k>, sched:<fraction>=<k>,... (k from that fraction of the run), "
                         "calib[:<every>] (k re-chosen by hbp_compile.calibrated); comma-separated")
     p.add_argument("--full", action="store_true", help=f"variants {FULL_VARIANTS}")
     p.add_argument("--steps", type=int, default=0, help="override the preset's steps")
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--codegen", default="inductor", choices=["inductor", "eager"])
-    p.add_argument("--results", default=os.path.join(ttq.EXAMPLES, "results"))
+    p.add_argument("--results", default=None, help="results folder (default: examples/results "
+                   "with --full, the committed table; else examples/results/quick)")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild table and plot from the variants' saved JSON")
     p.add_argument("--variant", help=argparse.SUPPRESS)        # child process: one variant
@@ -109,6 +110,8 @@ def main():
         run_one(args)
         return
     specs = split_specs(FULL_VARIANTS if args.full else args.variants)
+    quick = "" if args.full else "quick"       # a default run never overwrites the table
+    args.results = args.results or os.path.join(ttq.EXAMPLES, "results", quick)
     for name in args.model.split(","):
         extra = ["--model", name, "--seed", str(args.seed), "--codegen", args.codegen]
         extra += ["--steps", str(args.steps)] if args.steps else []

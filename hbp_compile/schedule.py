@@ -39,7 +39,8 @@ class ScheduledIters:
     def __init__(self, model: torch.nn.Module, schedule: Union[Schedule, int],
                  recompile_limit: int = 64, **backend_options):
         if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"ScheduledIters: model must be an nn.Module, got {type(model).__name__}")
+            raise TypeError("ScheduledIters: model must be an nn.Module, got "
+                            f"{type(model).__name__}")
         if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
             raise TypeError("ScheduledIters: pass the uncompiled module; it compiles one wrapper "
                             "per k itself")
@@ -96,7 +97,8 @@ class ScheduledIters:
         """Which k each step used and how many graphs each k compiled."""
         runs = ", ".join(f"steps {u.first}-{u.last}: k={u.k}" for u in self.uses())
         compiles = ", ".join(f"k={k}: {n}" for k, n in sorted(self.compiles().items()))
-        return f"iters schedule over {len(self.ks)} steps: {runs or '-'}; graphs compiled {compiles}"
+        return (f"iters schedule over {len(self.ks)} steps: {runs or '-'}; "
+                f"graphs compiled {compiles}")
 
 
 def stepwise(milestones: Sequence[tuple[int, int]]) -> Schedule:
