@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from hbp_compile import hbp_backend
 from helpers import max_rel_err, worst_param
+from models_rnn import RNNWithLoss, loss_of
 from oracle_rnn import module_highway
 
 # (module, num_layers, bidirectional, batch_first, h0 given, dropout, loss at every step)
@@ -24,35 +25,11 @@ CONFIGS = {
 }
 
 
-class Model(nn.Module):
-    """The RNN module and a loss on its outputs (every step's output, or only h_n)."""
-
-    def __init__(self, kind, layers, bidir, batch_first, dropout, every_step, I=3, H=5,
-                 nonlinearity="tanh"):
-        super().__init__()
-        extra = {"nonlinearity": nonlinearity} if kind == "RNN" else {}
-        self.rnn = getattr(nn, kind)(I, H, num_layers=layers, bidirectional=bidir,
-                                     batch_first=batch_first, dropout=dropout, **extra)
-        self.every_step = every_step
-
-    def forward(self, x, hx=None):
-        out, h_n = self.rnn(x, hx)
-        return loss_of(out, h_n, self.every_step)
-
-
-def loss_of(out, h_n, every_step):
-    h = h_n[0] if isinstance(h_n, tuple) else h_n
-    w = torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)
-    step = (torch.tanh(out) * w).sum() if every_step else 0
-    extra = (h_n[1] ** 2).sum() if isinstance(h_n, tuple) else 0
-    return step + (h * h.roll(1, -1)).sum() + extra
-
-
 def make(name, dtype=torch.float64, T=6, B=2, seed=0):
     kind, layers, bidir, bf, h0, p, every = CONFIGS[name]
     torch.manual_seed(seed)
     nonlin = "relu" if "relu" in name else "tanh"
-    model = Model(kind, layers, bidir, bf, p, every, nonlinearity=nonlin).to(dtype)
+    model = RNNWithLoss(kind, layers, bidir, bf, p, every, nonlinearity=nonlin).to(dtype)
     x = torch.randn((B, T, 3) if bf else (T, B, 3), dtype=dtype)
     n = layers * (2 if bidir else 1)
     hx = None
@@ -205,7 +182,7 @@ def test_float32(name, codegen):
 def test_unsupported_layers_stay_exact_with_a_reason():
     """An LSTM with proj_size: lowered (no unrolling) but exact backprop, and the report says."""
     torch.manual_seed(0)
-    model = Model("LSTM", 2, False, False, 0.0, True)
+    model = RNNWithLoss("LSTM", 2, False, False, 0.0, True)
     model.rnn = nn.LSTM(3, 5, num_layers=2, proj_size=2).double()
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     _, want = run_eager(model, x, None)

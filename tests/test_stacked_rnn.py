@@ -8,53 +8,10 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 from helpers import compiled, exact, grads_of, max_rel_err, worst_param
+from models_rnn import StackedGRU
 from oracle_general import highway_backward_general
-
-
-class GRULayer(nn.Module):
-    def __init__(self, hidden):
-        super().__init__()
-        self.ih, self.hh = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, 3 * hidden)
-        self.h0 = nn.Parameter(0.1 * torch.randn(hidden))
-
-    def gates(self, u_t, h):
-        i_r, i_z, i_n = self.ih(u_t).chunk(3, -1)
-        h_r, h_z, h_n = self.hh(h).chunk(3, -1)
-        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
-        return z, torch.tanh(i_n + r * h_n)
-
-    @staticmethod
-    def update(h, z, n):
-        return (1 - z) * n + z * h
-
-
-class StackedGRU(nn.Module):
-    """u^0_t = proj(x_t); layer l: h_t = GRU(u^l_t, h_{t-1}); u^{l+1}_t = u^l_t + h_t.
-    Loss on the top layer's output at the last step."""
-
-    def __init__(self, input_size=3, hidden=8, layers=3, T=6):
-        super().__init__()
-        self.T, self.input_size = T, input_size
-        self.proj = nn.Linear(input_size, hidden)
-        self.layers = nn.ModuleList(GRULayer(hidden) for _ in range(layers))
-        self.head = nn.Linear(hidden, 1)
-
-    def forward(self, x):
-        us = [self.proj(x[:, t]) for t in range(x.size(1))]
-        for layer in self.layers:
-            h = layer.h0.expand(x.size(0), -1)
-            outs = []
-            for u_t in us:
-                h = layer.update(h, *layer.gates(u_t, h))
-                outs.append(h)
-            us = [u_t + h_t for u_t, h_t in zip(us, outs)]
-        return self.head(us[-1]).pow(2).mean()
-
-    def example_inputs(self, batch_size=3):
-        return (torch.randn(batch_size, self.T, self.input_size, dtype=self.proj.weight.dtype),)
 
 
 def layerwise_oracle(model, x, k):
