@@ -6,6 +6,7 @@ import zlib
 import torch
 
 from hbp_compile import hbp_backend
+from models_general import lstm_stream_from_step_1
 from oracle import exact_backward, highway_backward, param_grads
 
 
@@ -92,6 +93,10 @@ def oracle_general(model, inputs, k, gamma=0.0, view_fn=None, **view):
     streams, head = view_fn(m, *xs) if view_fn is not None else m.stream_view(*xs, **view)
     loss, _ = highway_backward_general(streams, head, k, gamma=gamma)
     return loss, grads_of(m, xs)
+
+
+def lstm_oracle(model, inputs, k, gamma=0.0):
+    return oracle_general(model, inputs, k, gamma=gamma, view_fn=lstm_stream_from_step_1)
 
 
 def assert_grads_match(got, want, tol=1e-10):

@@ -313,6 +313,25 @@ class LSTMLoop(nn.Module):
         return (torch.randn(batch_size, self.T, self.input_size, dtype=_dtype(self)),)
 
 
+def lstm_stream_from_step_1(model, x):
+    """LSTMLoop as the pass sees it. Step 1's gates read h0, not c0, so it is no residual step
+    of c and stays in the prelude; from there x_t = [c_t, h_t] (models_general's "ch" view)
+    with K_t = [[f, 0], [o tanh'(c') f, 0]] per coordinate, and the loss on every h_t."""
+    B, H = x.size(0), model.hidden
+    h0, c0 = model.h0.expand(B, -1), model.c0.expand(B, -1)
+    i, f, g, o = model.gates(x[:, 0], h0)
+    c1 = f * c0 + i * g
+
+    def residual(s, i, f, g, o):
+        c = f * s[:, :H] + i * g
+        return torch.cat([c, o * torch.tanh(c)], -1)
+
+    steps = [(lambda s, x_t=x[:, t]: model.gates(x_t, s[:, H:]), residual)
+             for t in range(1, x.size(1))]
+    x0 = torch.cat([c1, o * torch.tanh(c1)], -1)
+    return [(x0, steps)], lambda states: model._loss([s[:, H:] for s in states[0]])
+
+
 # -----------------------------------------------------------------------------
 # ElmanLoop: h = h + tanh(W h + U x_t), identity residual over time, a loss at every step
 
@@ -586,3 +605,127 @@ class PostLNEncoder(nn.Module):
         idx = torch.randint(self.vocab, (batch_size, self.T))
         targets = torch.randint(self.vocab, (batch_size, self.T))
         return idx, targets
+
+
+# -----------------------------------------------------------------------------
+# PostNorm: x = norm(x + f(x)) with a LayerNorm (post-LN) or an RMSNorm; no stream_view (its
+# test compares with exact autograd only)
+
+
+class PostNorm(nn.Module):
+    """x = norm(x + f(x)): BERT-style post-LN, or a post-RMSNorm (not a residual function the
+    pass knows: its statistics read x + f(x) without a matmul in between)."""
+
+    def __init__(self, post, n=3, d=8):
+        super().__init__()
+        self.fs = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
+        norm = nn.LayerNorm if post == "ln" else nn.RMSNorm
+        self.norms = nn.ModuleList(norm(d) for _ in range(n))
+
+    def forward(self, x):
+        for f, norm in zip(self.fs, self.norms):
+            x = norm(x + f(x))
+        return x.pow(2).sum()
+
+
+# -----------------------------------------------------------------------------
+# StagedResNet: relu(x + f(x)) stages joined by a projection step relu(P x + f(x))
+
+
+class StagedResNet(torch.nn.Module):
+    """Two stages of relu(x + f(x)) blocks joined by a projection block relu(P x + f(x)) that
+    halves the resolution: one stream, whose projection step has a dense K_l."""
+
+    def __init__(self, c=4, n=2):
+        super().__init__()
+        nn = torch.nn
+
+        def branch(cin, cout, stride=1):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.Tanh(),
+                                 nn.Conv2d(cout, cout, 3, 1, 1))
+
+        self.stage1 = nn.ModuleList(branch(c, c) for _ in range(n))
+        self.down, self.proj = branch(c, 2 * c, 2), nn.Conv2d(c, 2 * c, 1, 2)
+        self.stage2 = nn.ModuleList(branch(2 * c, 2 * c) for _ in range(n))
+
+    def forward(self, x):
+        for f in self.stage1:
+            x = torch.relu(x + f(x))
+        x = torch.relu(self.proj(x) + self.down(x))
+        for f in self.stage2:
+            x = torch.relu(x + f(x))
+        return x.pow(2).mean()
+
+    def stream_view(self, x):
+        """The projection inside the residual function: the oracle's K_l^T is its VJP."""
+        def relu_add(x, z):
+            return torch.relu(x + z)
+        steps = [(lambda x, f=f: (f(x),), relu_add) for f in self.stage1]
+        steps.append((lambda x: (self.down(x),), lambda x, z: torch.relu(self.proj(x) + z)))
+        steps += [(lambda x, f=f: (f(x),), relu_add) for f in self.stage2]
+        return [(x, steps)], lambda states: states[0][-1].pow(2).mean()
+
+
+# -----------------------------------------------------------------------------
+# Streams through views: the model reshapes or transposes the stream between residual adds;
+# stream_view writes the same function without the views (each block reshapes inside)
+
+
+def mlp(d):
+    return nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+
+class FlattenedMLPs(nn.Module):
+    """OPT's pattern: x (B, S, d) + a 3-D block, then the stream as (B*S, d) for a 2-D block,
+    viewed back to 3-D after the add."""
+
+    def __init__(self, n=2, d=8):
+        super().__init__()
+        self.a = nn.ModuleList(mlp(d) for _ in range(n))
+        self.b = nn.ModuleList(mlp(d) for _ in range(n))
+
+    def forward(self, x):
+        for a, b in zip(self.a, self.b):
+            x = x + a(x)
+            shape = x.shape
+            x = x.reshape(-1, x.size(-1))
+            x = (x + b(x)).view(shape)
+        return x.tanh().square().mean()
+
+    def stream_view(self, x):
+        steps = []
+        for a, b in zip(self.a, self.b):
+            steps.append((lambda x, a=a: (a(x),), add))
+            steps.append((lambda x, b=b: (b(x.reshape(-1, x.size(-1))).view(x.shape),), add))
+        return [(x, steps)], lambda states: states[0][-1].tanh().square().mean()
+
+    def example_inputs(self, batch):
+        return (torch.randn(batch, 5, self.a[0][0].normalized_shape[0], dtype=torch.float64),)
+
+
+class TransposedBlocks(nn.Module):
+    """A stream (B, S, d) that every other block adds to as (B, d, S): a channels-first
+    convolution reading and writing the transposed stream, then transposed back."""
+
+    def __init__(self, n=2, d=8):
+        super().__init__()
+        self.conv = nn.ModuleList(nn.Conv1d(d, d, 3, padding=1) for _ in range(n))
+        self.mlp = nn.ModuleList(mlp(d) for _ in range(n))
+
+    def forward(self, x):
+        for conv, m in zip(self.conv, self.mlp):
+            t = x.transpose(1, 2)
+            x = (t + conv(torch.tanh(t))).transpose(1, 2)
+            x = x + m(x)
+        return x.sin().mean()
+
+    def stream_view(self, x):
+        steps = []
+        for conv, m in zip(self.conv, self.mlp):
+            steps.append((lambda x, c=conv: (c(torch.tanh(x.transpose(1, 2))).transpose(1, 2),),
+                          add))
+            steps.append((lambda x, m=m: (m(x),), add))
+        return [(x, steps)], lambda states: states[0][-1].sin().mean()
+
+    def example_inputs(self, batch):
+        return (torch.randn(batch, 6, self.mlp[0][0].normalized_shape[0], dtype=torch.float64),)

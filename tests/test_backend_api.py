@@ -3,12 +3,13 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
 
 import hbp_compile
 from hbp_compile import hbp_backend
 from helpers import assert_exact, compiled, exact, max_rel_err, worst_param
-from models import MLPBlock, ResMLP
+from models import ResMLP
+from models_general import PostNorm
+from models_noisy import NoisyBlocks
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -41,23 +42,6 @@ def test_string_backend_through_entry_point():
     assert max_rel_err(got, want) < 1e-10
     report = hbp_compile.string_backend(iters=4, codegen="eager").reports[-1]
     assert [s.length for s in report.streams] == [4]
-
-
-class NoisyBlocks(nn.Module):
-    """Block 2 applies a randomized leaky ReLU: its draw happens inside the op that transforms
-    the data, so the backward could not replay it (a dropout mask it could: test_dropout.py)."""
-
-    def __init__(self, n=4, d=8):
-        super().__init__()
-        self.blocks = nn.ModuleList(MLPBlock(d, 16) for _ in range(n))
-
-    def forward(self, x):
-        for i, blk in enumerate(self.blocks):
-            z = blk(x)
-            if i == 2:
-                z = torch.nn.functional.rrelu(z, training=True)
-            x = x + z
-        return x.pow(2).mean()
 
 
 def test_unsupported_block_splits_stream_and_reports_why():
@@ -140,22 +124,6 @@ def test_failure_during_compile_falls_back_with_reason(monkeypatch):
     assert "injected failure" in report.fallback_reason and not report.rewritten
     assert "exact backprop (fallback" in str(report)
     assert max_rel_err(got, want) == 0.0
-
-
-class PostNorm(nn.Module):
-    """x = norm(x + f(x)): BERT-style post-LN, or a post-RMSNorm (not a residual function the
-    pass knows: its statistics read x + f(x) without a matmul in between)."""
-
-    def __init__(self, post, n=3, d=8):
-        super().__init__()
-        self.fs = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
-        norm = nn.LayerNorm if post == "ln" else nn.RMSNorm
-        self.norms = nn.ModuleList(norm(d) for _ in range(n))
-
-    def forward(self, x):
-        for f, norm in zip(self.fs, self.norms):
-            x = norm(x + f(x))
-        return x.pow(2).sum()
 
 
 @pytest.mark.parametrize("post,k,tol", [("ln", 3, 1e-10), ("rms", 0, 0)])

@@ -12,8 +12,8 @@ import torch
 
 from helpers import (assert_exact, assert_matches_general_oracle, compiled, exact, max_rel_err,
                      oracle_general, worst_param)
-from models_general import ConditionedGateMLP, GRUCellLoop, GRULoop, LSTMLoop
-from test_residual_kinds import lstm_stream_from_step_1
+from models_general import (ConditionedGateMLP, GRUCellLoop, GRULoop, LSTMLoop,
+                            lstm_stream_from_step_1)
 
 # name -> (factory, stream length, the oracle's view)
 MODELS = {

@@ -13,45 +13,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import clone_inputs, compiled, exact, grads_of, max_rel_err, worst_param
+from models_noisy import DropMLP
 from oracle import highway_backward
-
-P_HIDDEN, P_OUT = 0.3, 0.2
-
-
-class DropBlock(nn.Module):
-    """b(dropout(tanh(a(x)))) then dropout again: two masks per block. `replay` fixes them."""
-
-    def __init__(self, d, native=False):
-        super().__init__()
-        self.a, self.b, self.native = nn.Linear(d, 2 * d), nn.Linear(2 * d, d), native
-        self.replay = None
-
-    def forward(self, x):
-        h = torch.tanh(self.a(x))
-        if self.replay is not None:
-            m1, m2 = self.replay
-            return self.b(h * m1 / (1 - P_HIDDEN)) * m2 / (1 - P_OUT)
-        h = F.dropout(h, P_HIDDEN, self.training)
-        y = self.b(h)
-        if self.native:                   # the fused op CUDA's F.dropout calls
-            return torch.native_dropout(y, P_OUT, self.training)[0]
-        return F.dropout(y, P_OUT, self.training)
-
-
-class DropMLP(nn.Module):
-    def __init__(self, d=8, n_blocks=4, native=False):
-        super().__init__()
-        self.d = d
-        self.blocks = nn.ModuleList(DropBlock(d, native) for _ in range(n_blocks))
-        self.head = nn.Linear(d, 1)
-
-    def forward(self, x):
-        for blk in self.blocks:
-            x = x + blk(x)
-        return self.head(x).pow(2).mean()
-
-    def stream_view(self, x):
-        return [(x, list(self.blocks))], lambda states: self.head(states[0][-1]).pow(2).mean()
 
 
 class RecordDraws(TorchDispatchMode):

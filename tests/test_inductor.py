@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from helpers import assert_matches, compiled, exact, max_rel_err, oracle, worst_param
+from helpers import (assert_matches, compiled, exact, lstm_oracle, max_rel_err, oracle,
+                     worst_param)
 from models import GPT, ResMLP
 from models_general import LSTMLoop
-from test_residual_kinds import lstm_oracle
 
 pytestmark = pytest.mark.inductor
 

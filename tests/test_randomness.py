@@ -9,10 +9,10 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from hbp_compile import hbp_backend
 from helpers import max_rel_err, worst_param
+from models_noisy import NoisyMLP, encoder
 
 
 def seeded_steps(model, x, backend, seeds=(7, 7, 8)):
@@ -29,19 +29,6 @@ def seeded_steps(model, x, backend, seeds=(7, 7, 8)):
         out.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
                                     if p.grad is not None}))
     return out
-
-
-def encoder(norm_first, layers=3, d=16, dropout=0.1):
-    torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=dropout, batch_first=True,
-                                       norm_first=norm_first)
-    enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-    return nn.Sequential(enc, _Loss()).double().train()
-
-
-class _Loss(nn.Module):
-    def forward(self, h):
-        return h.pow(2).mean()
 
 
 @pytest.mark.parametrize("norm_first", [True, False])
@@ -80,61 +67,6 @@ def test_transformer_encoder_dropout_with_inductor_and_fallback_random():
     for (gl, gg), (wl, wg) in zip(got, want):
         assert abs(gl.item() - wl.item()) <= 1e-12 * abs(wl.item())
         assert max_rel_err(gg, wg) < 1e-9, worst_param(gg, wg)
-
-
-class NoisyBlock(nn.Module):
-    """Linear -> a random op -> Linear; `kind` picks the random op."""
-
-    def __init__(self, d, kind):
-        super().__init__()
-        self.a, self.b, self.kind = nn.Linear(d, 2 * d), nn.Linear(2 * d, d), kind
-
-    def forward(self, x):
-        h = self.a(x)
-        if self.kind == "dropout-transposed":         # a non-contiguous mask layout
-            h = F.dropout(h.transpose(0, 1), 0.3, self.training).transpose(0, 1)
-        elif self.kind == "rrelu":
-            h = F.rrelu(h, training=self.training)
-        elif self.kind == "bernoulli":
-            h = h * torch.bernoulli(torch.full_like(h, 0.7))
-        elif self.kind == "randn":
-            h = torch.tanh(h) + 0.1 * torch.randn_like(h)
-        elif self.kind == "jitter":                    # router jitter, uniform in [0.9, 1.1]
-            h = torch.tanh(h) * torch.empty_like(h).uniform_(0.9, 1.1)
-        elif self.kind == "alpha-dropout":
-            h = F.alpha_dropout(torch.tanh(h), 0.2, self.training)
-        elif self.kind == "sdpa-dropout":                # attention over the batch's rows
-            q, k = h[..., :6], h[..., 6:]
-            h = h + F.scaled_dot_product_attention(q, k, torch.tanh(h), dropout_p=0.2)
-        return self.b(torch.tanh(h))
-
-
-class NoisyMLP(nn.Module):
-    """Random ops before, inside and after a stream whose steps are `residual`."""
-
-    def __init__(self, kind, d=6, n_blocks=4, residual="identity"):
-        super().__init__()
-        self.blocks = nn.ModuleList(NoisyBlock(d, kind) for _ in range(n_blocks))
-        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(n_blocks))
-        self.scale = nn.Parameter(torch.full((d,), 0.5))
-        self.head, self.residual = nn.Linear(d, 1), residual
-
-    def step(self, l, x, z):
-        if self.residual == "gated":
-            return torch.sigmoid(z) * x + z
-        if self.residual == "relu":
-            return torch.relu(x + z)
-        if self.residual == "layerscale":
-            return x + self.scale * z
-        if self.residual == "postln":
-            return self.norms[l](x + z)
-        return x + z
-
-    def forward(self, x):
-        x = F.dropout(x, 0.1, self.training)           # a draw before the stream
-        for l, blk in enumerate(self.blocks):
-            x = self.step(l, x, blk(x))
-        return self.head(F.dropout(x, 0.1, self.training)).pow(2).mean()
 
 
 @pytest.mark.parametrize("kind,residual", [

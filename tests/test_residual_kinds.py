@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from helpers import (assert_exact, assert_grads_match, assert_matches,
-                     assert_matches_general_oracle, assert_not_exact, compiled, exact, max_rel_err,
-                     oracle_general, worst_param)
+                     assert_matches_general_oracle, assert_not_exact, compiled, exact, lstm_oracle,
+                     max_rel_err, oracle_general, worst_param)
 from models_general import (ElmanLoop, GatedMLP, GRUCellLoop, GRULoop, LayerScaleMLP,
-                            LSTMLoop, PostActResNet, PostLNEncoder)
+                            LSTMLoop, PostActResNet, PostLNEncoder, StagedResNet)
 
 # name -> (factory, stream length, residual kind, the oracle's view of the model)
 MODELS = {
@@ -72,29 +72,6 @@ def test_gru_loop_is_one_weight_shared_group_with_diagonal_scan():
     assert group.size == L and group.batched and group.shared_captures == 2   # hh: w and b
     assert "diagonal scan" in stream.scan
     assert stream.vjps_per_round == {"1": 1, "2": 1, "final": 1}
-
-
-def lstm_stream_from_step_1(model, x):
-    """LSTMLoop as the pass sees it. Step 1's gates read h0, not c0, so it is no residual step
-    of c and stays in the prelude; from there x_t = [c_t, h_t] (models_general's "ch" view)
-    with K_t = [[f, 0], [o tanh'(c') f, 0]] per coordinate, and the loss on every h_t."""
-    B, H = x.size(0), model.hidden
-    h0, c0 = model.h0.expand(B, -1), model.c0.expand(B, -1)
-    i, f, g, o = model.gates(x[:, 0], h0)
-    c1 = f * c0 + i * g
-
-    def residual(s, i, f, g, o):
-        c = f * s[:, :H] + i * g
-        return torch.cat([c, o * torch.tanh(c)], -1)
-
-    steps = [(lambda s, x_t=x[:, t]: model.gates(x_t, s[:, H:]), residual)
-             for t in range(1, x.size(1))]
-    x0 = torch.cat([c1, o * torch.tanh(c1)], -1)
-    return [(x0, steps)], lambda states: model._loss([s[:, H:] for s in states[0]])
-
-
-def lstm_oracle(model, inputs, k, gamma=0.0):
-    return oracle_general(model, inputs, k, gamma=gamma, view_fn=lstm_stream_from_step_1)
 
 
 @pytest.mark.parametrize("T", [6, 12])
@@ -261,40 +238,6 @@ def test_both_scans_match_the_oracle(scan):
     torch._dynamo.reset()
     _, _, backend = compiled(model, inputs, 2)
     assert backend.reports[0].streams[0].scan.startswith(choose_scan(L + 1, "cpu"))
-
-
-class StagedResNet(torch.nn.Module):
-    """Two stages of relu(x + f(x)) blocks joined by a projection block relu(P x + f(x)) that
-    halves the resolution: one stream, whose projection step has a dense K_l."""
-
-    def __init__(self, c=4, n=2):
-        super().__init__()
-        nn = torch.nn
-
-        def branch(cin, cout, stride=1):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.Tanh(),
-                                 nn.Conv2d(cout, cout, 3, 1, 1))
-
-        self.stage1 = nn.ModuleList(branch(c, c) for _ in range(n))
-        self.down, self.proj = branch(c, 2 * c, 2), nn.Conv2d(c, 2 * c, 1, 2)
-        self.stage2 = nn.ModuleList(branch(2 * c, 2 * c) for _ in range(n))
-
-    def forward(self, x):
-        for f in self.stage1:
-            x = torch.relu(x + f(x))
-        x = torch.relu(self.proj(x) + self.down(x))
-        for f in self.stage2:
-            x = torch.relu(x + f(x))
-        return x.pow(2).mean()
-
-    def stream_view(self, x):
-        """The projection inside the residual function: the oracle's K_l^T is its VJP."""
-        def relu_add(x, z):
-            return torch.relu(x + z)
-        steps = [(lambda x, f=f: (f(x),), relu_add) for f in self.stage1]
-        steps.append((lambda x: (self.down(x),), lambda x, z: torch.relu(self.proj(x) + z)))
-        steps += [(lambda x, f=f: (f(x),), relu_add) for f in self.stage2]
-        return [(x, steps)], lambda states: states[0][-1].pow(2).mean()
 
 
 @pytest.mark.parametrize("k,gamma", [(1, 0.0), (2, 0.0), (3, 0.0), (1, 0.3)])

@@ -11,67 +11,7 @@ import torch
 import torch.nn as nn
 
 from helpers import assert_exact, assert_matches_general_oracle, compiled
-from models_general import add
-
-
-def mlp(d):
-    return nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
-
-
-class FlattenedMLPs(nn.Module):
-    """OPT's pattern: x (B, S, d) + a 3-D block, then the stream as (B*S, d) for a 2-D block,
-    viewed back to 3-D after the add."""
-
-    def __init__(self, n=2, d=8):
-        super().__init__()
-        self.a = nn.ModuleList(mlp(d) for _ in range(n))
-        self.b = nn.ModuleList(mlp(d) for _ in range(n))
-
-    def forward(self, x):
-        for a, b in zip(self.a, self.b):
-            x = x + a(x)
-            shape = x.shape
-            x = x.reshape(-1, x.size(-1))
-            x = (x + b(x)).view(shape)
-        return x.tanh().square().mean()
-
-    def stream_view(self, x):
-        steps = []
-        for a, b in zip(self.a, self.b):
-            steps.append((lambda x, a=a: (a(x),), add))
-            steps.append((lambda x, b=b: (b(x.reshape(-1, x.size(-1))).view(x.shape),), add))
-        return [(x, steps)], lambda states: states[0][-1].tanh().square().mean()
-
-    def example_inputs(self, batch):
-        return (torch.randn(batch, 5, self.a[0][0].normalized_shape[0], dtype=torch.float64),)
-
-
-class TransposedBlocks(nn.Module):
-    """A stream (B, S, d) that every other block adds to as (B, d, S): a channels-first
-    convolution reading and writing the transposed stream, then transposed back."""
-
-    def __init__(self, n=2, d=8):
-        super().__init__()
-        self.conv = nn.ModuleList(nn.Conv1d(d, d, 3, padding=1) for _ in range(n))
-        self.mlp = nn.ModuleList(mlp(d) for _ in range(n))
-
-    def forward(self, x):
-        for conv, m in zip(self.conv, self.mlp):
-            t = x.transpose(1, 2)
-            x = (t + conv(torch.tanh(t))).transpose(1, 2)
-            x = x + m(x)
-        return x.sin().mean()
-
-    def stream_view(self, x):
-        steps = []
-        for conv, m in zip(self.conv, self.mlp):
-            steps.append((lambda x, c=conv: (c(torch.tanh(x.transpose(1, 2))).transpose(1, 2),),
-                          add))
-            steps.append((lambda x, m=m: (m(x),), add))
-        return [(x, steps)], lambda states: states[0][-1].sin().mean()
-
-    def example_inputs(self, batch):
-        return (torch.randn(batch, 6, self.mlp[0][0].normalized_shape[0], dtype=torch.float64),)
+from models_general import FlattenedMLPs, TransposedBlocks, mlp
 
 
 MODELS = [FlattenedMLPs, TransposedBlocks]
