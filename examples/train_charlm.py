@@ -76,10 +76,13 @@ def run_one(args) -> dict:
         return {"val_loss": sum(m(x, y).item() for x, y in val) / len(val)}
 
     variant = ttq.parse_variant(args.variant, preset["steps"])
+    if args.gamma and not variant.exact:
+        variant.name += f" gamma={args.gamma}"
     result = ttq.train(variant, model, steps=preset["steps"], eval_every=preset["eval_every"],
                        lr=preset["lr"], next_batch=lambda: corpus.batch("train", B, T, gen),
                        loss_of=lambda f, batch: f(*batch), evaluate=evaluate,
-                       items_per_step=B * T, unit="tok", hbp_options=dict(codegen=args.codegen),
+                       items_per_step=B * T, unit="tok",
+                       hbp_options=dict(codegen=args.codegen, gamma=args.gamma),
                        calib_inputs=lambda: corpus.batch("train", B, T, calib_gen))
     result.update(model=args.model, seed=args.seed, preset=preset,
                   parameters=sum(p.numel() for p in model.parameters()))
@@ -99,6 +102,7 @@ def main():
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--codegen", default="inductor", choices=["inductor", "eager"])
+    p.add_argument("--gamma", type=float, default=0.0, help="the paper's gamma split (hbp variants)")
     p.add_argument("--results", default=None, help="results folder (default: examples/results "
                    "with --full, the committed table; else examples/results/quick)")
     p.add_argument("--report-only", action="store_true",
@@ -113,7 +117,8 @@ def main():
     quick = "" if args.full else "quick"       # a default run never overwrites the table
     args.results = args.results or os.path.join(ttq.EXAMPLES, "results", quick)
     for name in args.model.split(","):
-        extra = ["--model", name, "--seed", str(args.seed), "--codegen", args.codegen]
+        extra = ["--model", name, "--seed", str(args.seed), "--codegen", args.codegen,
+                 "--gamma", str(args.gamma)]
         extra += ["--steps", str(args.steps)] if args.steps else []
         extra += ["--eval-every", str(args.eval_every)] if args.eval_every else []
         out_dir = os.path.join(args.results, f"charlm_{name}")
