@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def stream_loss(streams, head):
@@ -448,6 +449,179 @@ class NormStack(ResMLP):
 
     def example_inputs(self, batch_size=3):
         return (torch.randn(batch_size, 5, self.d, dtype=_dtype(self)),)
+
+
+# -----------------------------------------------------------------------------
+# Streams for batched rounds (tests/test_batching.py): blocks of two structures, one block tied
+# across all steps, attention through F.scaled_dot_product_attention
+
+
+class Alternating(nn.Module):
+    """A stream whose blocks alternate between two structures (hidden width 24 and 40)."""
+
+    def __init__(self, d=16, n_blocks=6):
+        super().__init__()
+        self.d = d
+        self.blocks = nn.ModuleList(MLPBlock(d, 24 if l % 2 == 0 else 40) for l in range(n_blocks))
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = x + blk(x)
+        return x.tanh().pow(2).mean()
+
+    def stream_view(self, x):
+        return [(x, list(self.blocks))], lambda states: states[0][-1].tanh().pow(2).mean()
+
+    def example_inputs(self, batch_size=3):
+        return (torch.randn(batch_size, self.d, dtype=torch.float64),)
+
+
+class TiedSteps(nn.Module):
+    """One block applied at every step (an RNN-like stream): its weights are shared captures."""
+
+    def __init__(self, d=16, steps=5):
+        super().__init__()
+        self.d, self.steps = d, steps
+        self.cell = MLPBlock(d, 24)
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, x):
+        for _ in range(self.steps):
+            x = x + self.cell(x)
+        return self.head(x).pow(2).mean()
+
+    def stream_view(self, x):
+        return [(x, [self.cell] * self.steps)], lambda st: self.head(st[0][-1]).pow(2).mean()
+
+    def example_inputs(self, batch_size=3):
+        return (torch.randn(batch_size, self.d, dtype=torch.float64),)
+
+
+class SDPABlock(nn.Module):
+    """Attention through F.scaled_dot_product_attention: a fused kernel vmap has no rule for."""
+
+    def __init__(self, d=16, n_head=2):
+        super().__init__()
+        self.ln, self.qkv, self.proj, self.n_head = nn.LayerNorm(d), nn.Linear(d, 3 * d), \
+            nn.Linear(d, d), n_head
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln(x)).split(C, -1)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SDPAStack(BlockStack):
+    def __init__(self, n_blocks=4):
+        super().__init__(SDPABlock() for _ in range(n_blocks))
+
+    def example_inputs(self, batch_size=3):
+        return (torch.randn(batch_size, 8, 16, dtype=torch.float64),)
+
+
+# -----------------------------------------------------------------------------
+# What a torch.compile user does around the stream (tests/test_hostile.py,
+# tests/test_robustness.py): checkpointed blocks, in-place adds, graph breaks, train-mode
+# BatchNorm in the blocks or around the stream (BNOutside: no stream_view), SDPA with a learned
+# mask (a block)
+
+
+class CheckpointedMLP(ResMLP):
+    """Every block under torch.utils.checkpoint."""
+
+    def __init__(self, reentrant, n_blocks=4):
+        super().__init__(n_blocks=n_blocks)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = x + checkpoint(blk, x, use_reentrant=self.reentrant)
+        return self._loss(x)
+
+
+class InPlaceMLP(ResMLP):
+    """torchvision's `out += identity`: the residual add in place on the block's output."""
+
+    def forward(self, x):
+        for blk in self.blocks:
+            z = blk(x)
+            z += x
+            x = z
+        return self._loss(x)
+
+
+class InPlaceStreamMLP(ResMLP):
+    """`x += block(x)`: the stream itself updated in place (the block reads x first)."""
+
+    def forward(self, x):
+        x = x.clone()
+        for blk in self.blocks:
+            x += blk(x)
+        return self._loss(x)
+
+
+class LearnedMaskAttention(torch.nn.Module):
+    """SDPA whose additive mask is a parameter (a learned relative position bias, as Swin's)."""
+
+    def __init__(self, d=8, heads=2, S=5):
+        super().__init__()
+        self.qkv, self.o = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+        self.bias = torch.nn.Parameter(0.1 * torch.randn(heads, S, S))
+        self.heads = heads
+
+    def forward(self, x):
+        B, S, d = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        return self.o(a.transpose(1, 2).reshape(B, S, d))
+
+
+class BNResNet(BlockStack):
+    """Pre-activation-style residual blocks with BatchNorm in train mode."""
+
+    def __init__(self, n=4, d=8):
+        super().__init__(
+            nn.Sequential(nn.BatchNorm1d(d), nn.ReLU(), nn.Linear(d, d)) for _ in range(n))
+
+
+class BreakMLP(ResMLP):
+    """A graph break between two halves of the stream: Dynamo hands over two graphs."""
+
+    def forward(self, x):
+        for blk in self.blocks[:3]:
+            x = x + blk(x)
+        torch._dynamo.graph_break()
+        for blk in self.blocks[3:]:
+            x = x + blk(x)
+        return self._loss(x)
+
+
+class BreakInLoopMLP(ResMLP):
+    """A graph break inside the layer loop: Dynamo runs the loop eagerly, nothing to rewrite."""
+
+    def forward(self, x):
+        for i, blk in enumerate(self.blocks):
+            if i == 3:
+                torch._dynamo.graph_break()
+            x = x + blk(x)
+        return self._loss(x)
+
+
+class BNOutside(nn.Module):
+    """Train-mode BatchNorm before and after the stream, plain residual blocks in between."""
+
+    def __init__(self, n=3, d=8):
+        super().__init__()
+        self.pre, self.post = nn.BatchNorm1d(d), nn.BatchNorm1d(d)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.ReLU(), nn.Linear(d, d)) for _ in range(n))
+
+    def forward(self, x):
+        x = self.pre(x)
+        for blk in self.blocks:
+            x = x + blk(x)
+        return self.post(x).pow(2).mean()
 
 
 # -----------------------------------------------------------------------------

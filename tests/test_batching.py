@@ -1,76 +1,10 @@
 """Batched rounds: one VJP per group of identical blocks per round, same gradients as unbatched."""
 import pytest
 import torch
-import torch.nn as nn
 from torch._dynamo.utils import counters
 
 from helpers import compiled, exact, live_blocks, max_rel_err, oracle, worst_param
-from models import GPT, BlockStack, MLPBlock, ResMLP
-
-
-class Alternating(nn.Module):
-    """A stream whose blocks alternate between two structures (hidden width 24 and 40)."""
-
-    def __init__(self, d=16, n_blocks=6):
-        super().__init__()
-        self.d = d
-        self.blocks = nn.ModuleList(MLPBlock(d, 24 if l % 2 == 0 else 40) for l in range(n_blocks))
-
-    def forward(self, x):
-        for blk in self.blocks:
-            x = x + blk(x)
-        return x.tanh().pow(2).mean()
-
-    def stream_view(self, x):
-        return [(x, list(self.blocks))], lambda states: states[0][-1].tanh().pow(2).mean()
-
-    def example_inputs(self, batch_size=3):
-        return (torch.randn(batch_size, self.d, dtype=torch.float64),)
-
-
-class TiedSteps(nn.Module):
-    """One block applied at every step (an RNN-like stream): its weights are shared captures."""
-
-    def __init__(self, d=16, steps=5):
-        super().__init__()
-        self.d, self.steps = d, steps
-        self.cell = MLPBlock(d, 24)
-        self.head = nn.Linear(d, 1)
-
-    def forward(self, x):
-        for _ in range(self.steps):
-            x = x + self.cell(x)
-        return self.head(x).pow(2).mean()
-
-    def stream_view(self, x):
-        return [(x, [self.cell] * self.steps)], lambda st: self.head(st[0][-1]).pow(2).mean()
-
-    def example_inputs(self, batch_size=3):
-        return (torch.randn(batch_size, self.d, dtype=torch.float64),)
-
-
-class SDPABlock(nn.Module):
-    """Attention through F.scaled_dot_product_attention: a fused kernel vmap has no rule for."""
-
-    def __init__(self, d=16, n_head=2):
-        super().__init__()
-        self.ln, self.qkv, self.proj, self.n_head = nn.LayerNorm(d), nn.Linear(d, 3 * d), \
-            nn.Linear(d, d), n_head
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.qkv(self.ln(x)).split(C, -1)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class SDPAStack(BlockStack):
-    def __init__(self, n_blocks=4):
-        super().__init__(SDPABlock() for _ in range(n_blocks))
-
-    def example_inputs(self, batch_size=3):
-        return (torch.randn(batch_size, 8, 16, dtype=torch.float64),)
+from models import GPT, Alternating, ResMLP, SDPAStack, TiedSteps
 
 
 MODELS = {
@@ -145,7 +79,7 @@ def test_ops_without_batching_rule_run_unbatched(monkeypatch):
     saved-activation backward vmaps only autograd's native_batch_norm_backward, which has a
     batching rule.)"""
     import hbp_compile.analysis.batching as batching
-    from test_robustness import BNResNet
+    from models import BNResNet
 
     monkeypatch.setattr(batching, "VMAP_DECOMPOSED", ())       # no decomposition: no rule
     torch.manual_seed(4)

@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import hbp_compile
-from helpers import clone_inputs, exact, oracle
-from models import GPT, InjectedHead
-from test_robustness import BNResNet, BreakMLP
+from helpers import exact, oracle
+from models import GPT, BNResNet, BreakMLP, InjectedHead
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

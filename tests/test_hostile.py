@@ -8,11 +8,11 @@ import copy
 
 import pytest
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from helpers import max_rel_err, oracle, worst_param
 from hbp_compile import hbp_backend
-from models import GPT, ResMLP
+from models import (GPT, CheckpointedMLP, InPlaceMLP, InPlaceStreamMLP, LearnedMaskAttention,
+                    ResMLP)
 
 L = 4
 
@@ -51,52 +51,18 @@ def x64(batch=4, d=16, requires_grad=False):
     return torch.randn(batch, d, dtype=torch.float64, requires_grad=requires_grad)
 
 
-class CheckpointedMLP(ResMLP):
-    """Every block under torch.utils.checkpoint."""
-
-    def __init__(self, reentrant):
-        super().__init__(n_blocks=L)
-        self.reentrant = reentrant
-
-    def forward(self, x):
-        for blk in self.blocks:
-            x = x + checkpoint(blk, x, use_reentrant=self.reentrant)
-        return self._loss(x)
-
-
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_activation_checkpointing_inside_blocks(reentrant):
     torch.manual_seed(0)
-    model = CheckpointedMLP(reentrant).double()
+    model = CheckpointedMLP(reentrant, n_blocks=L).double()
     x = x64(requires_grad=True)
     check_exact(model, lambda m: m(x).backward())
-
-
-class InPlaceMLP(ResMLP):
-    """torchvision's `out += identity`: the residual add in place on the block's output."""
-
-    def forward(self, x):
-        for blk in self.blocks:
-            z = blk(x)
-            z += x
-            x = z
-        return self._loss(x)
 
 
 def test_in_place_residual_add():
     torch.manual_seed(0)
     x = x64()
     check_exact(InPlaceMLP(n_blocks=L).double(), lambda m: m(x).backward())
-
-
-class InPlaceStreamMLP(ResMLP):
-    """`x += block(x)`: the stream itself updated in place (the block reads x first)."""
-
-    def forward(self, x):
-        x = x.clone()
-        for blk in self.blocks:
-            x += blk(x)
-        return self._loss(x)
 
 
 def test_in_place_update_of_the_stream():
@@ -276,22 +242,6 @@ def test_sequence_length_changes_with_mark_dynamic():
         assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
     assert len(backend.reports) == 1
     assert "symbolic sizes" in backend.reports[0].streams[0].groups[0].recompute_reason
-
-
-class LearnedMaskAttention(torch.nn.Module):
-    """SDPA whose additive mask is a parameter (a learned relative position bias, as Swin's)."""
-
-    def __init__(self, d=8, heads=2, S=5):
-        super().__init__()
-        self.qkv, self.o = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
-        self.bias = torch.nn.Parameter(0.1 * torch.randn(heads, S, S))
-        self.heads = heads
-
-    def forward(self, x):
-        B, S, d = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
-        return self.o(a.transpose(1, 2).reshape(B, S, d))
 
 
 def test_attention_with_a_learned_mask_is_rewritten_and_exact():

@@ -4,11 +4,10 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 from helpers import compiled, exact, max_rel_err, oracle, worst_param
 from hbp_compile import hbp_backend
-from models import GPT, BlockStack, ResMLP
+from models import GPT, BNOutside, BNResNet, BreakInLoopMLP, BreakMLP, ResMLP
 
 
 @pytest.mark.parametrize("factory", [lambda: ResMLP(n_blocks=5), lambda: GPT(n_layer=2)],
@@ -69,14 +68,6 @@ def test_compiled_autograd_runs_the_highway_backward():
     assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
 
 
-class BNResNet(BlockStack):
-    """Pre-activation-style residual blocks with BatchNorm in train mode."""
-
-    def __init__(self, n=4, d=8):
-        super().__init__(
-            nn.Sequential(nn.BatchNorm1d(d), nn.ReLU(), nn.Linear(d, d)) for _ in range(n))
-
-
 @pytest.mark.parametrize("k", [1, 4])
 def test_batchnorm_buffers_identical_and_grads_right(k):
     torch.manual_seed(2)
@@ -97,29 +88,6 @@ def test_batchnorm_buffers_identical_and_grads_right(k):
     want.pop("input.0")
     assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
     assert backend.reports[0].streams[0].length == 4
-
-
-class BreakMLP(ResMLP):
-    """A graph break between two halves of the stream: Dynamo hands over two graphs."""
-
-    def forward(self, x):
-        for blk in self.blocks[:3]:
-            x = x + blk(x)
-        torch._dynamo.graph_break()
-        for blk in self.blocks[3:]:
-            x = x + blk(x)
-        return self._loss(x)
-
-
-class BreakInLoopMLP(ResMLP):
-    """A graph break inside the layer loop: Dynamo runs the loop eagerly, nothing to rewrite."""
-
-    def forward(self, x):
-        for i, blk in enumerate(self.blocks):
-            if i == 3:
-                torch._dynamo.graph_break()
-            x = x + blk(x)
-        return self._loss(x)
 
 
 def test_graph_break_in_loop_is_reported_not_hidden():
@@ -175,21 +143,6 @@ def test_second_step_reuses_the_compiled_graph():
         opt.step()
         opt_ref.step()
     assert len(backend.reports) == 1
-
-
-class BNOutside(nn.Module):
-    """Train-mode BatchNorm before and after the stream, plain residual blocks in between."""
-
-    def __init__(self, n=3, d=8):
-        super().__init__()
-        self.pre, self.post = nn.BatchNorm1d(d), nn.BatchNorm1d(d)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.ReLU(), nn.Linear(d, d)) for _ in range(n))
-
-    def forward(self, x):
-        x = self.pre(x)
-        for blk in self.blocks:
-            x = x + blk(x)
-        return self.post(x).pow(2).mean()
 
 
 def test_batchnorm_outside_the_stream():

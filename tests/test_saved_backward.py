@@ -10,8 +10,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from helpers import compiled, exact, live_blocks, max_rel_err, oracle, worst_param
-from models import GPT, NormStack, ResMLP
-from test_batching import SDPAStack, TiedSteps
+from models import GPT, NormStack, ResMLP, SDPAStack, TiedSteps
 
 MODELS = {
     "resmlp": lambda: ResMLP(n_blocks=5),
