@@ -118,6 +118,94 @@ def functional_aten_graph(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     """Trace `gm` to a functional aten graph (no mutations, no views of inputs) under fake mode."""
     fake_mode = _backend_fake_mode(example_inputs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    # Most graphs mutate nothing: traced as they are, they come out functional already, in half
+    # the time (functionalization is a third dispatch layer on every op). A graph that writes
+    # (an in-place op, a buffer update) is traced again under functionalization.
+    agm = None if _may_mutate(gm.graph) else \
+        _trace(_interpreted(gm), example_inputs, fake_mode, placeholders)
+    if agm is not None:
+        _out_of_place(agm.graph)
+    if agm is None or _mutates(agm.graph):
+        agm = _trace(_functionalized(gm), example_inputs, fake_mode, placeholders)
+    _rederive_rrelu(agm.graph)
+    # Multi-output ops leave unused getitems behind; they would break the block closure check.
+    agm.graph.eliminate_dead_code()
+    agm.recompile()
+    return agm
+
+
+def _interpreted(gm: fx.GraphModule):
+    """gm run node by node: each traced op keeps its node's metadata (nn_module_stack)."""
+    def run(*args):
+        return fx.Interpreter(gm).run(*args)
+    return run
+
+
+def _may_mutate(graph: fx.Graph) -> bool:
+    """Might Dynamo's graph write to a tensor? (in-place methods and functions, item
+    assignment, batch norm in training: its running statistics). A quick look that saves the
+    plain trace where it would be thrown away; _mutates decides on the traced graph."""
+    for n in graph.nodes:
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+        if n.op not in ("call_method", "call_function") or not isinstance(name, str):
+            continue
+        if (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") \
+                or name in ("setitem", "__setitem__") or "batch_norm" in name \
+                or n.target in _INPLACE_OPERATORS:
+            return True
+    return False
+
+
+_INPLACE_OPERATORS = {getattr(operator, f"i{op}") for op in (
+    "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor",
+    "lshift", "rshift", "matmul")}
+
+
+def _out_of_place(graph: fx.Graph) -> None:
+    """In-place ops on private intermediates -> their out-of-place forms (what functionalization
+    makes of them): torch's decompositions of gru_cell & co. write into their own temporaries
+    (add_, sigmoid_). Only where nothing else can see the write: the written tensor is no
+    input and no view, and has no views; any other write is left for functionalization."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in list(graph.nodes):
+        pure = _pure_form(n)
+        a = n.args[0] if pure is not None else None
+        if not isinstance(a, fx.Node) or a.op != "call_function" or _is_view(a) \
+                or any(_is_view(u) for u in a.users):
+            continue
+        later = [u for u in a.users if u is not n and order[u] > order[n]]
+        n.target = pure
+        for u in later:
+            u.replace_input_with(a, n)
+
+
+def _pure_form(n: fx.Node):
+    """The out-of-place overload of an in-place op that writes its first argument only."""
+    t = n.target
+    if n.op != "call_function" or not isinstance(t, torch._ops.OpOverload) \
+            or not t._schema.is_mutable or not t._opname.endswith("_") or not n.args:
+        return None
+    writes = [i for i, a in enumerate(t._schema.arguments)
+              if a.alias_info is not None and a.alias_info.is_write]
+    packet = getattr(torch.ops.aten, t._opname[:-1], None)
+    return getattr(packet, t._overloadname, None) if writes == [0] else None
+
+
+def _is_view(n: fx.Node) -> bool:
+    """A view op's output (aliases its input without writing it)."""
+    t = n.target
+    return isinstance(t, torch._ops.OpOverload) and not t._schema.is_mutable and any(
+        r.alias_info is not None for r in t._schema.returns)
+
+
+def _mutates(graph: fx.Graph) -> bool:
+    """Does the traced graph write to a tensor (an op whose schema marks an argument written)?"""
+    return any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+               for n in graph.nodes if n.op == "call_function")
+
+
+def _trace(fn, example_inputs, fake_mode, placeholders) -> fx.GraphModule:
+    """make_fx of fn on fresh fakes of the example inputs, the way AOTAutograd traces."""
     with fake_mode:
         fakes = [_fakify(fake_mode, t) for t in example_inputs]
         # Leaves that require grad keep it: composites decompose by it (matmul folds a 3-d
@@ -134,12 +222,7 @@ def functional_aten_graph(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     # the exact compile's trace does, not through ATen's C++ composites.
     with fake_mode, torch.enable_grad(), torch.fx.traceback.preserve_node_meta(), \
             enable_python_dispatcher():
-        agm = make_fx(_functionalized(gm), decomposition_table=_capture_decompositions())(*fakes)
-    _rederive_rrelu(agm.graph)
-    # Multi-output ops leave unused getitems behind; they would break the block closure check.
-    agm.graph.eliminate_dead_code()
-    agm.recompile()
-    return agm
+        return make_fx(fn, decomposition_table=_capture_decompositions())(*fakes)
 
 
 def _rederive_rrelu(graph: fx.Graph) -> None:
