@@ -1,7 +1,7 @@
 """Opt-in pytest plugin: log every hbp report the tests produce, to compare two commits.
 
-    HBP_REPORT_LOG=before.jsonl pytest -p report_log tests      (on the old commit)
-    HBP_REPORT_LOG=after.jsonl  pytest -p report_log tests      (on the new one)
+    HBP_REPORT_LOG=before.jsonl PYTHONPATH=tests pytest -p report_log tests   (old commit)
+    HBP_REPORT_LOG=after.jsonl  PYTHONPATH=tests pytest -p report_log tests   (new one)
     python tests/report_log.py before.jsonl after.jsonl         tests whose reports differ
 
 One JSON line per report: the test id, and the report's streams (length, kind, x_0,
