@@ -8,8 +8,6 @@ Two models: a nanoGPT-style pre-LN GPT (tests/models.py's; 6 layers, L = 12 resi
 an `nn.GRU` char LM (Highway-BP over time: L = T = 128 steps). Every variant starts from the same
 weights and sees the same batches; each runs in its own process. One CPU thread.
 """
-import argparse
-import json
 import os
 import sys
 
@@ -84,61 +82,26 @@ def run_one(args) -> dict:
                        items_per_step=B * T, unit="tok",
                        hbp_options=dict(codegen=args.codegen, gamma=args.gamma),
                        calib_inputs=lambda: corpus.batch("train", B, T, calib_gen))
-    result.update(model=args.model, seed=args.seed, preset=preset,
-                  parameters=sum(p.numel() for p in model.parameters()))
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    return result
+    return ttq.save_result(result, args, preset, model)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="gpt,gru", help="gpt, gru or both (comma-separated)")
-    p.add_argument("--variants", default=DEFAULT_VARIANTS,
-                   help="exact, k<k>, sched:<fraction>=<k>,... (k from that fraction of the run), "
-                        "calib[:<every>] (k re-chosen by hbp_compile.calibrated); comma-separated")
-    p.add_argument("--full", action="store_true", help=f"variants {FULL_VARIANTS}")
-    p.add_argument("--steps", type=int, default=0, help="override the preset's steps")
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--codegen", default="inductor", choices=["inductor", "eager"])
+    p = ttq.driver_parser(__doc__, "gpt,gru", DEFAULT_VARIANTS, FULL_VARIANTS,
+                          "exact, k<k>, sched:<fraction>=<k>,... (k from that fraction of the "
+                          "run), calib[:<every>] (k re-chosen by hbp_compile.calibrated); "
+                          "comma-separated")
     p.add_argument("--gamma", type=float, default=0.0, help="the paper's gamma split (hbp variants)")
-    p.add_argument("--results", default=None, help="results folder (default: examples/results "
-                   "with --full, the committed table; else examples/results/quick)")
-    p.add_argument("--report-only", action="store_true",
-                   help="rebuild table and plot from the variants' saved JSON")
-    p.add_argument("--variant", help=argparse.SUPPRESS)        # child process: one variant
-    p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
         run_one(args)
         return
-    specs = split_specs(FULL_VARIANTS if args.full else args.variants)
-    quick = "" if args.full else "quick"       # a default run never overwrites the table
-    args.results = args.results or os.path.join(ttq.EXAMPLES, "results", quick)
-    for name in args.model.split(","):
-        extra = ["--model", name, "--seed", str(args.seed), "--codegen", args.codegen,
-                 "--gamma", str(args.gamma)]
-        extra += ["--steps", str(args.steps)] if args.steps else []
-        extra += ["--eval-every", str(args.eval_every)] if args.eval_every else []
-        out_dir = os.path.join(args.results, f"charlm_{name}")
-        results = ttq.load_variants(specs, out_dir) if args.report_only else \
-            ttq.run_variants(__file__, specs, out_dir, extra)
+
+    def report_one(name, results, out_dir):
         L = "12 residual steps" if name == "gpt" else f"T = {PRESETS['gru']['block_size']} steps"
-        ttq.report(results, f"charlm_{name}", args.results, "val_loss", "val loss",
+        ttq.report(results, f"charlm_{name}", out_dir, "val_loss", "val loss",
                    higher_is_better=False, tolerance=0.01, relative=True, fmt="{:.3f}",
                    title=f"char-level Shakespeare, {name} (L = {L})")
-
-
-def split_specs(text: str) -> list[str]:
-    """'exact,k0,sched:0=0,0.5=2' -> ['exact', 'k0', 'sched:0=0,0.5=2']."""
-    specs = []
-    for item in text.split(","):
-        if specs and specs[-1].startswith("sched:") and "=" in item and ":" not in item:
-            specs[-1] += "," + item
-        else:
-            specs.append(item)
-    return specs
+    ttq.drive(args, __file__, "charlm", FULL_VARIANTS, report_one, ("--gamma", str(args.gamma)))
 
 
 if __name__ == "__main__":

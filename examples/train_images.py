@@ -11,8 +11,6 @@ validation accuracy (297 held-out images); time to quality is exact's final accu
 1 point. AdamW, the learning rate decays (cosine) to a tenth. Every variant starts from the
 same weights and sees the same batches; one CPU thread.
 """
-import argparse
-import json
 import os
 import sys
 
@@ -23,7 +21,6 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data  # noqa: E402
 import ttq  # noqa: E402
-from train_charlm import split_specs  # noqa: E402
 
 PRESET = dict(batch_size=64, steps=600, eval_every=25, lr=2e-3, cosine_decay=True, channels=32,
               blocks=8)
@@ -110,46 +107,23 @@ def run_one(args) -> dict:
                        items_per_step=B, unit="img", hbp_options=dict(codegen=args.codegen),
                        cosine_decay=preset["cosine_decay"],
                        calib_inputs=lambda: images.batch(B, calib_gen))
-    result.update(model=args.model, seed=args.seed, preset=preset,
-                  parameters=sum(p.numel() for p in model.parameters()))
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    return result
+    return ttq.save_result(result, args, preset, model)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="pre,post", help="pre, post or both (comma-separated)")
-    p.add_argument("--variants", default=DEFAULT_VARIANTS,
-                   help="exact, k<k>, sched:<fraction>=<k>,..., calib[:<every>] (comma-separated)")
-    p.add_argument("--full", action="store_true", help=f"variants {FULL_VARIANTS}")
-    p.add_argument("--steps", type=int, default=0, help="override the preset's steps")
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--codegen", default="inductor", choices=["inductor", "eager"])
-    p.add_argument("--results", default=None, help="results folder (default: examples/results "
-                   "with --full, the committed table; else examples/results/quick)")
-    p.add_argument("--report-only", action="store_true",
-                   help="rebuild table and plot from the variants' saved JSON")
-    p.add_argument("--variant", help=argparse.SUPPRESS)        # child process: one variant
-    p.add_argument("--out", help=argparse.SUPPRESS)
+    p = ttq.driver_parser(__doc__, "pre,post", DEFAULT_VARIANTS, FULL_VARIANTS,
+                          "exact, k<k>, sched:<fraction>=<k>,..., calib[:<every>] "
+                          "(comma-separated)")
     args = p.parse_args()
     if args.variant:
         run_one(args)
         return
-    specs = split_specs(FULL_VARIANTS if args.full else args.variants)
-    quick = "" if args.full else "quick"       # a default run never overwrites the table
-    args.results = args.results or os.path.join(ttq.EXAMPLES, "results", quick)
-    for name in args.model.split(","):
-        extra = ["--model", name, "--seed", str(args.seed), "--codegen", args.codegen]
-        extra += ["--steps", str(args.steps)] if args.steps else []
-        extra += ["--eval-every", str(args.eval_every)] if args.eval_every else []
-        out_dir = os.path.join(args.results, f"images_{name}")
-        results = ttq.load_variants(specs, out_dir) if args.report_only else \
-            ttq.run_variants(__file__, specs, out_dir, extra)
-        ttq.report(results, f"images_{name}", args.results, "val_acc", "val accuracy %",
+
+    def report_one(name, results, out_dir):
+        ttq.report(results, f"images_{name}", out_dir, "val_acc", "val accuracy %",
                    higher_is_better=True, tolerance=1.0, relative=False, fmt="{:.1f}",
                    title=f"8x8 digits, {name}-activation residual CNN (L = {PRESET['blocks']})")
+    ttq.drive(args, __file__, "images", FULL_VARIANTS, report_one)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ median step of that k; compile time is reported apart; calibration time is count
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -184,18 +185,78 @@ def _point(step, durations, compiled_at, scheduled, metrics, calib_seconds) -> d
 
 # -- one process per variant ------------------------------------------------------------------
 
+def _variant_path(out_dir: str, spec: str) -> str:
+    return os.path.join(out_dir, f"{spec.replace(':', '_').replace(',', '_')}.json")
+
+
 def run_variants(script: str, specs: list[str], out_dir: str, extra_args: list[str]) -> list:
     """Run `script --variant spec --out file` once per spec, one after the other."""
     os.makedirs(out_dir, exist_ok=True)
-    results = []
     for spec in specs:
-        path = os.path.join(out_dir, f"{spec.replace(':', '_').replace(',', '_')}.json")
-        cmd = [sys.executable, script, "--variant", spec, "--out", path, *extra_args]
+        cmd = [sys.executable, script, "--variant", spec, "--out",
+               _variant_path(out_dir, spec), *extra_args]
         print(f"\n$ {' '.join(cmd)}", file=sys.stderr)
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        with open(path) as f:
-            results.append(json.load(f))
-    return results
+    return load_variants(specs, out_dir)
+
+
+def split_specs(text: str) -> list[str]:
+    """'exact,k0,sched:0=0,0.5=2' -> ['exact', 'k0', 'sched:0=0,0.5=2']."""
+    specs = []
+    for item in text.split(","):
+        if specs and specs[-1].startswith("sched:") and "=" in item and ":" not in item:
+            specs[-1] += "," + item
+        else:
+            specs.append(item)
+    return specs
+
+
+def driver_parser(doc: str, models: str, default_variants: str, full_variants: str,
+                  variants_help: str) -> argparse.ArgumentParser:
+    """The options both example scripts take (a script adds its own)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default=models, help=f"{models.replace(',', ', ')} or a "
+                   "comma-separated list")
+    p.add_argument("--variants", default=default_variants, help=variants_help)
+    p.add_argument("--full", action="store_true", help=f"variants {full_variants}")
+    p.add_argument("--steps", type=int, default=0, help="override the preset's steps")
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--codegen", default="inductor", choices=["inductor", "eager"])
+    p.add_argument("--results", default=None, help="results folder (default: examples/results "
+                   "with --full, the committed table; else examples/results/quick)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild table and plot from the variants' saved JSON")
+    p.add_argument("--variant", help=argparse.SUPPRESS)        # child process: one variant
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    return p
+
+
+def drive(args, script: str, prefix: str, full_variants: str, report_one: Callable,
+          child_args: tuple = ()) -> None:
+    """Per model: its variants in child processes (or their saved JSON with --report-only),
+    then report_one(name, results, results_dir)."""
+    specs = split_specs(full_variants if args.full else args.variants)
+    quick = "" if args.full else "quick"       # a default run never overwrites the table
+    args.results = args.results or os.path.join(EXAMPLES, "results", quick)
+    for name in args.model.split(","):
+        extra = ["--model", name, "--seed", str(args.seed), "--codegen", args.codegen,
+                 *child_args]
+        extra += ["--steps", str(args.steps)] if args.steps else []
+        extra += ["--eval-every", str(args.eval_every)] if args.eval_every else []
+        out_dir = os.path.join(args.results, f"{prefix}_{name}")
+        results = load_variants(specs, out_dir) if args.report_only else \
+            run_variants(script, specs, out_dir, extra)
+        report_one(name, results, args.results)
+
+
+def save_result(result: dict, args, preset: dict, model: torch.nn.Module) -> dict:
+    """A child's result, with what produced it, written to args.out."""
+    result.update(model=args.model, seed=args.seed, preset=preset,
+                  parameters=sum(p.numel() for p in model.parameters()))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    return result
 
 
 # -- time to quality ----------------------------------------------------------------------------
@@ -284,7 +345,7 @@ def load_variants(specs: list[str], out_dir: str) -> list:
     """The variants' JSON that run_variants wrote (to rebuild a table without training)."""
     results = []
     for spec in specs:
-        with open(os.path.join(out_dir, f"{spec.replace(':', '_').replace(',', '_')}.json")) as f:
+        with open(_variant_path(out_dir, spec)) as f:
             results.append(json.load(f))
     return results
 
