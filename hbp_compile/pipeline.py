@@ -172,8 +172,8 @@ def replace_rnn_layers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                        choose_scan(T + 1, device_type(x), cfg.scan))
         report.streams.append(rnn_stream_report(spec, node, len(params)))
         replace_rnn_layer(gm.graph, node, spec)
-        for name in ("streams_rewritten", "rnn_layers_rewritten"):
-            ctx.count(name)
+        ctx.count("streams_rewritten")
+        ctx.count("rnn_layers_rewritten")
         ctx.count("blocks_rewritten", size_hint(T))
     ctx.stop = not report.streams
     return gm

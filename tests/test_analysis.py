@@ -34,11 +34,12 @@ def dynamo_graph(model, inputs):
     return seen[0]
 
 
-def run_until(model, inputs, last: str, **options):
+def run_until(model, inputs, last: str, excluded=None, **options):
     """Run the passes up to and including `last`; (graph, context, counts)."""
     gm, example = dynamo_graph(model, inputs)
     counts = {}
-    ctx = pipeline.PassContext(HBPConfig(iters=1, **options), example, GraphReport(0, {}), {}, {},
+    ctx = pipeline.PassContext(HBPConfig(iters=1, **options), example, GraphReport(0, {}),
+                               dict(excluded or {}), {},
                                count=lambda name, n=1: counts.__setitem__(
                                    name, counts.get(name, 0) + n))
     for p in pipeline.PASSES:
@@ -129,12 +130,9 @@ def test_plan_without_a_stream_stops_the_pipeline():
 
 def test_plan_leaves_excluded_streams_out():
     model = ResMLP(n_blocks=3)
-    gm, example = dynamo_graph(model, model.example_inputs())
     first = run_until(model, model.example_inputs(), "plan")[1].segments[0].blocks[0]
-    ctx = pipeline.PassContext(HBPConfig(iters=1), example, GraphReport(0, {}),
-                               {first.step.node.name: "excluded"}, {})
-    for p in pipeline.PASSES[:4]:
-        gm = p(gm, ctx)
+    _, ctx, _ = run_until(model, model.example_inputs(), "plan",
+                          excluded={first.step.node.name: "excluded"})
     assert ctx.segments == []
 
 

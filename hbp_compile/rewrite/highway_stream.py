@@ -25,10 +25,7 @@ import torch
 from ..report import describe
 from .group_vjp import annotate, capture_vjp, group_vjp, stack
 from .scan import stream_scan
-from .spec import CaptureSpec, GroupSpec, StreamSpec
-
-__all__ = ["CaptureSpec", "GroupSpec", "HighwayStream", "StreamFailure", "StreamSpec",
-           "annotate", "failures_name", "stack"]
+from .spec import GroupSpec, StreamSpec
 
 
 def _block_forward(group: GroupSpec, x: tuple, block_caps: list):

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from .group_vjp import stack
+
 
 def reverse_cumsum(a: torch.Tensor) -> torch.Tensor:
     """g_l = sum_{j >= l} a_j along dim 0 (identity residuals, K_l = I)."""
@@ -262,11 +264,6 @@ def stream_scan(spec, inject, vjps, xs):
     return cls(spec, inject, vjps, xs)
 
 
-def _stack(tensors):
-    from .group_vjp import stack
-    return stack(tensors)
-
-
 class PositionScan:
     """g as a list of L + 1 tensors; K_l diagonal, the identity, or a projection's dense K_l^T."""
 
@@ -318,7 +315,7 @@ class PositionScan:
     def cotangents(self, G, vjp):
         """The members' g_{l+1}: one per member, or stacked for a batched group."""
         rows = [G[l + 1] for l in vjp.members]
-        return _stack(rows) if vjp.batched else rows
+        return stack(rows) if vjp.batched else rows
 
     def g0(self, G):
         return [G[0]]
@@ -356,7 +353,7 @@ class StackedScan:
         return rows[0] if self.m == 1 else torch.stack(rows)
 
     def _injections(self):
-        return _stack([self._row(e) for e in self.inject])        # (L + 1, [m,] *x)
+        return stack([self._row(e) for e in self.inject])        # (L + 1, [m,] *x)
 
     def _scan(self, A):
         if self.K is None:              # a sequential reverse sum is L fused adds (aten's
@@ -393,7 +390,7 @@ class StackedScan:
         step = idx[1] - idx[0]
         if step > 0 and all(b - a == step for a, b in zip(idx, idx[1:])):
             return G[idx[0]: idx[-1] + 1: step]
-        return _stack([G[i] for i in idx])
+        return stack([G[i] for i in idx])
 
     def g0(self, G):
         return [G[0]] if self.m == 1 else list(G[0].unbind(0))
@@ -409,4 +406,4 @@ def _to_stream(parts, length: int, fill: torch.Tensor) -> torch.Tensor:
     for members, t in parts:
         for i, l in enumerate(members):
             rows[l] = t[i]
-    return _stack([fill if r is None else r for r in rows])
+    return stack([fill if r is None else r for r in rows])
