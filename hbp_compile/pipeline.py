@@ -30,6 +30,7 @@ from .analysis.post_norm import restore_post_norms, split_post_norms as _split_p
 from .analysis.views import push_views_off_streams
 from .capture import functional_aten_graph, joint_graph, restore_native_batch_norm
 from .config import HBPConfig, HBPError
+from .debug import readable
 from .logs import enabled as log_enabled
 from .logs import log
 from .report import GraphReport, SkipReport, rnn_stream_report, size_hint, stream_report
@@ -59,8 +60,9 @@ class PassContext:
 def capture(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Dynamo's graph -> a functional aten graph, batch norms in their functional form."""
     agm = functional_aten_graph(gm, ctx.example_inputs)
-    ctx.report.graphs["captured"] = agm.print_readable(print_output=False)
-    if ctx.config.dump_dir is not None:
+    if ctx.config.dump_dir is not None or log_enabled("graphs"):
+        # as text: the later passes change agm in place (rendering costs ~0.1 s per 1000 ops)
+        ctx.report.graphs["captured"] = agm.print_readable(print_output=False)
         ctx.report.graphs["joint_original"] = _try(joint_graph, agm, ctx.example_inputs)
     ctx.undo.append(("batch_norms_restored", restore_native_batch_norm))
     return agm
@@ -188,21 +190,30 @@ def finalize(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         ctx.count(name, inverse(gm.graph))
     gm.graph.lint()
     gm.recompile()
-    ctx.report.graphs["rewritten"] = gm.print_readable(print_output=False)
+    ctx.report.graphs["rewritten"] = gm         # rendered when read (debug.readable)
     if log_enabled("graphs"):
-        log.info("graph %d rewritten:\n%s", ctx.report.index, ctx.report.graphs["rewritten"])
+        log.info("graph %d rewritten:\n%s", ctx.report.index, readable(gm))
     return gm
 
 
 def _stable_topological_sort(graph: fx.Graph) -> None:
-    """Move nodes after their inputs, keeping the original order otherwise."""
-    try:
-        from torch._inductor.pattern_matcher import stable_topological_sort
-    except ImportError:                              # pragma: no cover
-        from torch.fx.passes.tools_common import legalize_graph
-        legalize_graph(graph.owning_module)
-        return
-    stable_topological_sort(graph)
+    """Move each node after its inputs, keeping the original order otherwise: a node whose
+    inputs are not all placed waits for the last missing one, and follows it."""
+    placed, waiting = set(), {}
+    pending = list(reversed(graph.nodes))
+    cursor = None
+    while pending:
+        node = pending.pop()
+        missing = [i for i in node.all_input_nodes if i not in placed]
+        if missing:
+            waiting.setdefault(missing[-1], []).append(node)
+            continue
+        placed.add(node)
+        if cursor is not None and cursor.next is not node:
+            cursor.append(node)
+        cursor = node
+        pending.extend(reversed(waiting.pop(node, ())))
+    assert not waiting, "a cycle in the rewritten graph"
 
 
 PASSES = (capture, split_post_norms, push_views, plan, build_specs, replace_streams,

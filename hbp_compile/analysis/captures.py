@@ -76,7 +76,8 @@ def _targets(blk: Block, group: Group) -> list[fx.Node]:
 
 
 def _outline(blk: Block, values: list, cone: set, index: GraphIndex):
-    """(signature, leaves, positions per value, graph) of one member's capture function."""
+    """(signature, leaves, positions per value, graph) of one member's capture function (a
+    graph, not a module: only the first member's becomes one)."""
     ordered = sorted(cone, key=index.pos.__getitem__)
     leaves = list(dict.fromkeys(i for n in ordered for i in n.all_input_nodes if i not in cone))
     local = {leaf: f"leaf{i}" for i, leaf in enumerate(leaves)}
@@ -99,7 +100,7 @@ def _outline(blk: Block, values: list, cone: set, index: GraphIndex):
     key.append(("out", [local[v] for v in values], positions))
     graph.output(tuple(env[v] for v in values))
     signature = hashlib.sha1(repr(key).encode()).hexdigest()
-    return signature, leaves, positions, fx.GraphModule(torch.nn.Module(), graph)
+    return signature, leaves, positions, graph
 
 
 def capture_fn(blocks: list[Block], group: Group, index: GraphIndex) -> Optional[CaptureFn]:
@@ -117,9 +118,10 @@ def capture_fn(blocks: list[Block], group: Group, index: GraphIndex) -> Optional
         if not values or len(cone) > MAX_OPS:
             return None
         found.append(_outline(blk, values, cone, index))
-    signature, _, positions, gm = found[0]
+    signature, _, positions, graph = found[0]
     if any(f[0] != signature for f in found):
         return None
+    gm = fx.GraphModule(torch.nn.Module(), graph)
     leaves = [f[1] for f in found]
     if not all(isinstance(leaf.meta.get("val"), torch.Tensor) for leaf in leaves[0]):
         return None                     # a symbolic size or a tuple as an input

@@ -144,6 +144,8 @@ def outline(block: Block, known: Optional[dict] = None) -> Template:
     signature = hashlib.sha1(repr(key).encode()).hexdigest()[:12]
     if known is not None and signature in known:
         return known[signature]
+    if residual is not None:           # a module only for the template (a member reuses it)
+        residual = fx.GraphModule(torch.nn.Module(), residual)
     template = Template(_copy_body(block, draw=False), signature, _summary(block), len(block.zs),
                         residual, _copy_body(block, draw=True) if block.randoms else None,
                         len(block.randoms), len(block.xs), residual_forward)
@@ -158,7 +160,7 @@ def _x_names(block: Block) -> list[str]:
 
 def _outline_residual(block: Block):
     """r as a graph (x, *zs, *residual_caps) -> x_{l+1}, its forward form (None: r itself), and
-    its structural key."""
+    its structural key. The graph, not a module: most blocks only need the key."""
     step = block.step
     graph = fx.Graph()
     inputs = [*step.states, *step.zs, *step.residual_caps]
@@ -182,7 +184,7 @@ def _outline_residual(block: Block):
     if POST_LN in step.node.meta:
         forward = _post_ln_forward(graph, step, env)
         key.append(("post-LN forward", repr(step.node.meta[POST_LN][0]), step.node.meta[POST_LN][3]))
-    return fx.GraphModule(torch.nn.Module(), graph), forward, key
+    return graph, forward, key
 
 
 def _post_ln_forward(graph: fx.Graph, step, env: dict) -> fx.GraphModule:

@@ -61,12 +61,16 @@ class ResidualStep:
         return self.kind == "identity"
 
 
+MAX_SOURCE_SEARCH = 400          # ancestors searched for the x_l of a projection step
+
+
 class GraphIndex:
     """Topological positions of a graph's nodes, for bounded dependence queries."""
 
     def __init__(self, graph: fx.Graph):
         self.pos = {n: i for i, n in enumerate(graph.nodes)}
         self.step_outputs: set = set()      # x_{l+1} of the steps found so far (graph order)
+        self._near: dict = {}               # node -> its nearest ancestors (memo)
 
     def depends_on(self, node: fx.Node, target: fx.Node) -> bool:
         """True if `node` reads `target` transitively (DFS cut off below target's position)."""
@@ -83,6 +87,18 @@ class GraphIndex:
             seen.add(n)
             stack.extend(n.all_input_nodes)
         return False
+
+    def near_ancestors(self, node: fx.Node) -> set:
+        """Up to MAX_SOURCE_SEARCH transitive inputs of node, nearest first. Memoised (the
+        pointwise cones of nearby adds share their sides); callers must not modify it."""
+        seen = self._near.get(node)
+        if seen is None:
+            seen, frontier = set(), [node]
+            while frontier and len(seen) < MAX_SOURCE_SEARCH:
+                frontier = [i for n in frontier for i in n.all_input_nodes if i not in seen]
+                seen.update(frontier)
+            self._near[node] = seen
+        return seen
 
 
 Rule = Callable[[fx.Node, GraphIndex], Optional[ResidualStep]]
@@ -203,16 +219,8 @@ def elementwise_residual(node: fx.Node, index: GraphIndex) -> Optional[ResidualS
 
 
 PROJECTION = "projection"
-MAX_SOURCE_SEARCH = 400          # ancestors searched for the x_l of a projection step
 
 
-def _ancestors(node: fx.Node, limit: int = MAX_SOURCE_SEARCH) -> set:
-    """Up to `limit` transitive inputs of node, nearest first."""
-    seen, frontier = set(), [node]
-    while frontier and len(seen) < limit:
-        frontier = [i for n in frontier for i in n.all_input_nodes if i not in seen]
-        seen.update(frontier)
-    return seen
 
 
 def projection_residual(node: fx.Node, index: GraphIndex,
@@ -238,7 +246,7 @@ def projection_residual(node: fx.Node, index: GraphIndex,
     if len(sides) < 2 or not any(n.target is aten.add.Tensor and all(a in sides for a in n.args)
                                  for n in cone):
         return None
-    ancestors = {s: _ancestors(s) for s in sides}
+    ancestors = {s: index.near_ancestors(s) for s in sides}
     common = set.intersection(*ancestors.values())
     out = tensor_meta(node)
     x = max((c for c in common if tensor_meta(c) is not None and tensor_meta(c).ndim == out.ndim
