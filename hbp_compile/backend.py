@@ -16,10 +16,11 @@ from .capture_rnn import enable_rnn_tracing, lower_rnn_modules
 from .codegen import compile_graph, count_block_vjps
 from .config import HBPConfig, HBPError
 from .debug import dump_report, readable
+from .distributed import context as distributed_context
 from .logs import enabled as log_enabled
 from .logs import log
 from .pipeline import PassContext, run_passes
-from .report import GraphReport, SkipReport
+from .report import GraphReport, SkipReport, totals
 from .rewrite.highway_stream import StreamFailure
 
 __all__ = ["HBPBackend", "HBPError"]
@@ -75,6 +76,13 @@ class HBPBackend:
     def __repr__(self):
         return f"hbp_backend({self.config})"
 
+    def summary(self) -> str:
+        """One line for the model: graphs compiled, blocks rewritten over all of them."""
+        rewritten, residual = totals(self.reports)
+        share = f" (coverage {100 * rewritten / residual:.0f}%)" if residual else ""
+        return (f"hbp_compile: {len(self.reports)} graph(s), {rewritten}/{residual} residual "
+                f"blocks rewritten{share}")
+
     def __call__(self, gm: fx.GraphModule, example_inputs):
         cfg = self.config
         report = GraphReport(len(self.reports), config={
@@ -82,6 +90,7 @@ class HBPBackend:
             "batched": cfg.batched, "recompute": cfg.recompute, "cache_key": cfg.cache_key()})
         self.reports.append(report)
         report.graph_breaks = self._new_graph_breaks()
+        report.distributed = distributed_context()
         report.timings["dynamo_trace_s"] = _dynamo_trace_seconds()
         t0 = time.perf_counter()
         try:

@@ -12,7 +12,7 @@ import json
 import torch
 
 from .config import HBPConfig
-from .report import GraphReport
+from .report import GraphReport, totals
 
 
 @dataclasses.dataclass
@@ -25,11 +25,11 @@ class Explanation:
 
     @property
     def residual_blocks(self) -> int:
-        return sum(r.residual_steps for r in self.reports)
+        return totals(self.reports)[1]
 
     @property
     def rewritten_blocks(self) -> int:
-        return sum(r.rewritten_blocks for r in self.reports)
+        return totals(self.reports)[0]
 
     @property
     def coverage(self) -> float:

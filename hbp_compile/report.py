@@ -64,6 +64,12 @@ class SkipReport:
     reason: str
 
 
+def totals(reports) -> tuple[int, int]:
+    """(rewritten, residual) blocks over every graph of a model: Dynamo's graphs, or
+    DDPOptimizer's pieces of one."""
+    return sum(r.rewritten_blocks for r in reports), sum(r.residual_steps for r in reports)
+
+
 @dataclasses.dataclass
 class GraphReport:
     index: int
@@ -75,6 +81,7 @@ class GraphReport:
     timings: dict = dataclasses.field(default_factory=dict)   # compile stage -> seconds
     fallback_reason: Optional[str] = None
     graph_breaks: list = dataclasses.field(default_factory=list)  # Dynamo's, before this graph
+    distributed: Optional[str] = None   # how DDP shaped this graph (distributed.ddp_context)
     graphs: dict = dataclasses.field(default_factory=dict, repr=False)  # name -> GraphModule
 
     @property
@@ -110,6 +117,8 @@ class GraphReport:
             lines = [head + f"{len(self.streams)} stream(s), {self.rewritten_blocks}/"
                      f"{self.residual_steps} residual blocks rewritten "
                      f"(coverage {100 * self.coverage:.0f}%)"]
+        if self.distributed:
+            lines.append(f"  distributed: {self.distributed}")
         if self.rnn_calls:
             lines.append(f"  {self.rnn_calls} RNN module call(s) traced (Dynamo's allow_rnn, "
                          "set for hbp frames) and lowered to one op per layer and direction")

@@ -1,0 +1,120 @@
+"""Data parallelism around the pass: what DDP and FSDP2 do to the graphs it is handed.
+
+Highway-BP needs a whole stream in one graph. Under `DistributedDataParallel`, Dynamo's
+DDPOptimizer (`torch._dynamo.config.optimize_ddp = True`, the default) cuts the model's graph
+at gradient-bucket boundaries and calls the backend once per piece, so that each piece's
+gradients can be all-reduced while the pieces before it still run their backward. A stream
+crossing a cut continues in the next piece; the block the cut runs through stays exact there.
+`optimize_ddp = False` hands the backend one graph (the whole stream; DDP's reducer all-reduces
+the gradients as they come out of the one backward, so with less overlap). FSDP2's hooks run
+outside the compiled graphs (they are `torch._dynamo.disable`d): `fully_shard` on each block
+makes a graph per block, and only a `fully_shard` above the stream keeps it in one graph.
+
+This module only reads torch.distributed's state; it changes nothing.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+_ONE_GRAPH = ("under DDP with torch._dynamo.config.optimize_ddp=False: one graph, the whole "
+              "stream; gradients are all-reduced after the backward (no bucket overlap)")
+
+
+def active_ddp():
+    """The DistributedDataParallel module whose forward is running, or None."""
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:                              # pragma: no cover - no distributed build
+        return None
+    get = getattr(DistributedDataParallel, "_get_active_ddp_module", None)
+    return get() if get is not None else None
+
+
+def _optimize_ddp_mode() -> str:
+    """Dynamo's optimize_ddp setting as a mode name ("ddp_optimizer", "no_optimization", ...)."""
+    import torch._dynamo
+
+    get = getattr(torch._dynamo.utils, "get_optimize_ddp_mode", None)
+    if get is not None:
+        return get()
+    mode = torch._dynamo.config.optimize_ddp                     # pragma: no cover
+    return {True: "ddp_optimizer", False: "no_optimization"}.get(mode, mode)
+
+
+def ddp_context() -> Optional[str]:
+    """How DDP shapes the graph the backend is compiling now (None: no DDP forward running)."""
+    ddp = active_ddp()
+    if ddp is None:
+        return None
+    mode = _optimize_ddp_mode()
+    if mode == "ddp_optimizer":
+        cap = getattr(ddp, "bucket_bytes_cap", 0) / 2 ** 20
+        return (f"a piece of DDPOptimizer's split ({cap:.0f} MB gradient buckets, the last "
+                f"1 MB first): a stream crossing a cut continues in the next piece and the "
+                f"block the cut runs through stays exact; torch._dynamo.config.optimize_ddp="
+                f"False keeps the stream in one graph")
+    if mode == "no_optimization":
+        return _ONE_GRAPH
+    return f"under DDP with optimize_ddp={mode!r}"
+
+
+def fsdp_context() -> Optional[str]:
+    """What FSDP2 does to the graphs, if more than one module is fully_shard'ed (None if not)."""
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+    except ImportError:                              # pragma: no cover - no distributed build
+        return None
+    n = sum(isinstance(ref(), FSDPState) for ref in list(_module_state_mapping.values()))
+    if n < 2:
+        return None
+    return (f"{n} modules are fully_shard'ed (FSDP2): their hooks run outside the compiled "
+            f"graphs, so each one's forward is a graph of its own and no stream crosses from "
+            f"one to the next; fully_shard the model (or groups of blocks) above the stream "
+            f"to keep it in one graph")
+
+
+def context() -> Optional[str]:
+    """How data parallelism shapes the graph the backend is compiling now, or None."""
+    return ddp_context() or fsdp_context()
+
+
+def is_ddp_piece(context: Optional[str]) -> bool:
+    return bool(context) and context.startswith("a piece of DDPOptimizer")
+
+
+CUT_REASON = ("residual step cut by DDPOptimizer's split: its branch began in the previous "
+              "piece (graph), so it stays exact")
+
+
+def cut_steps(segments) -> list:
+    """The residual adds a DDPOptimizer cut ran through: a segment's x_0 = x_l + z where x_l is
+    an input of the piece and z does not read it (z's branch began in the previous piece, which
+    handed over x_l and an activation of the block)."""
+    import torch
+
+    cut = []
+    for seg in segments:
+        x0 = seg.x0
+        if x0.op != "call_function" or x0.target is not torch.ops.aten.add.Tensor:
+            continue
+        a, b = x0.args[:2]
+        for x, z in ((a, b), (b, a)):
+            if getattr(x, "op", None) == "placeholder" and hasattr(z, "op") \
+                    and not _reads(z, x):
+                cut.append(x0)
+                break
+    return cut
+
+
+def _reads(node, target) -> bool:
+    """Does node read target, transitively?"""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n is target:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
