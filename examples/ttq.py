@@ -98,8 +98,10 @@ def compile_variant(model: torch.nn.Module, variant: Variant, calib_inputs=None,
 def train(variant: Variant, model: torch.nn.Module, *, steps: int, eval_every: int,
           lr: float, next_batch: Callable, loss_of: Callable, evaluate: Callable,
           items_per_step: int, unit: str, hbp_options: Optional[dict] = None,
-          cosine_decay: bool = False, calib_inputs: Optional[Callable] = None) -> dict:
-    """Train one variant: the curve (step, train time, val metrics, k), timings and reports."""
+          cosine_decay: bool = False, calib_inputs: Optional[Callable] = None,
+          wrap: Optional[Callable] = None, progress: bool = True) -> dict:
+    """Train one variant: the curve (step, train time, val metrics, k), timings and reports.
+    `wrap(model)` is what gets compiled (DistributedDataParallel: train_ddp.py)."""
     from tqdm import tqdm
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -108,11 +110,12 @@ def train(variant: Variant, model: torch.nn.Module, *, steps: int, eval_every: i
         opt, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * min(s, steps) / steps))
         if cosine_decay else 1.0)
     calib_seconds: dict[int, float] = {}       # step -> seconds its calibration took
-    step_fn, scheduled = compile_variant(model, variant, calib_inputs, calib_seconds,
-                                         **(hbp_options or {}))
+    step_fn, scheduled = compile_variant(wrap(model) if wrap else model, variant, calib_inputs,
+                                         calib_seconds, **(hbp_options or {}))
     durations, compiled_at, curve = [], [], []
     graphs_seen = 0
-    bar = tqdm(range(steps), desc=variant.name, mininterval=2.0, file=sys.stderr)
+    bar = tqdm(range(steps), desc=variant.name, mininterval=2.0, file=sys.stderr,
+               disable=not progress)
     for step in bar:
         if step % eval_every == 0:
             curve.append(_point(step, durations, compiled_at, scheduled, evaluate(model),

@@ -126,37 +126,7 @@ class GraphReport:
             lines.append("  compile: " + ", ".join(f"{k.removesuffix('_s')} {v:.2f}s"
                                                    for k, v in self.timings.items()))
         for s in self.streams:
-            inj = ", ".join(f"x_{l}" for l in s.injections) if len(s.injections) <= 8 else \
-                f"x_l, l in {ranges(s.injections)} ({len(s.injections)} states)"
-            inj = inj or "none"
-            planned = "(planned, not applied) " if self.fallback_reason is not None else ""
-            lines.append(f"  {planned}stream {s.name}: L={s.length}, {s.residual_kind} residual, "
-                         f"x_0={s.x0}, scan={s.scan}, gradient injected at: {inj}"
-                         + (f", {s.side_outputs} side output(s)" if s.side_outputs else "")
-                         + (f" [{s.source}]" if s.source else ""))
-            for g in s.groups:
-                how = "batched" if g.batched else f"unbatched ({g.reason})"
-                tied = f", {g.shared_captures} shared capture(s)" if g.shared_captures else ""
-                tied += f", {g.saved} saved activation(s) per block" if g.saved >= 0 else \
-                    f", forward recomputed in the backward ({g.recompute_reason})"
-                tied += f", {g.folded_norms} norm affine(s) folded" if g.folded_norms else ""
-                tied += f", per-block captures computed by {g.capture_ops} op(s) differentiated " \
-                    f"batched" if g.capture_ops else ""
-                lines.append(f"    group {g.index}: {g.size} block(s) {ranges(g.members)} {how}"
-                             f"{tied} -- {g.summary}")
-            for b in s.blocks:
-                where = b.module_path or "?"
-                lines.append(f"    block {b.index:>3} group {b.group}  {where:<28} "
-                             f"%{b.first} .. %{b.last} ({b.n_ops} ops)")
-            if s.views:
-                lines.append(f"    stream continues through views at block(s) "
-                             f"{ranges(sorted(s.views))} (the add reads x_l, its block starts "
-                             f"with the view: {', '.join(dict.fromkeys(v for vs in s.views.values() for v in vs))})")
-            if s.split:
-                lines.append(f"    {s.split}")
-            if s.vjps_per_round:
-                per = ", ".join(f"{r}: {n}" for r, n in s.vjps_per_round.items())
-                lines.append(f"    block VJPs in the backward graph per round: {per}")
+            lines += _stream_lines(s, planned=self.fallback_reason is not None)
         for sk in self.skipped:
             lines.append(f"  not rewritten: %{sk.node}: {sk.reason}")
         for reason in self.graph_breaks:
@@ -168,6 +138,43 @@ class GraphReport:
         if not self.streams and self.fallback_reason is None:
             lines.append("  no residual stream found: exact backprop")
         return "\n".join(lines)
+
+
+def _stream_lines(s: "StreamReport", planned: bool) -> list[str]:
+    """A stream's lines of the report: the stream, its groups, its blocks, then notes."""
+    lines = []
+    inj = ", ".join(f"x_{l}" for l in s.injections) if len(s.injections) <= 8 else \
+        f"x_l, l in {ranges(s.injections)} ({len(s.injections)} states)"
+    inj = inj or "none"
+    prefix = "(planned, not applied) " if planned else ""
+    lines.append(f"  {prefix}stream {s.name}: L={s.length}, {s.residual_kind} residual, "
+                 f"x_0={s.x0}, scan={s.scan}, gradient injected at: {inj}"
+                 + (f", {s.side_outputs} side output(s)" if s.side_outputs else "")
+                 + (f" [{s.source}]" if s.source else ""))
+    for g in s.groups:
+        how = "batched" if g.batched else f"unbatched ({g.reason})"
+        tied = f", {g.shared_captures} shared capture(s)" if g.shared_captures else ""
+        tied += f", {g.saved} saved activation(s) per block" if g.saved >= 0 else \
+            f", forward recomputed in the backward ({g.recompute_reason})"
+        tied += f", {g.folded_norms} norm affine(s) folded" if g.folded_norms else ""
+        tied += f", per-block captures computed by {g.capture_ops} op(s) differentiated " \
+            f"batched" if g.capture_ops else ""
+        lines.append(f"    group {g.index}: {g.size} block(s) {ranges(g.members)} {how}"
+                     f"{tied} -- {g.summary}")
+    for b in s.blocks:
+        where = b.module_path or "?"
+        lines.append(f"    block {b.index:>3} group {b.group}  {where:<28} "
+                     f"%{b.first} .. %{b.last} ({b.n_ops} ops)")
+    if s.views:
+        lines.append(f"    stream continues through views at block(s) "
+                     f"{ranges(sorted(s.views))} (the add reads x_l, its block starts "
+                     f"with the view: {', '.join(dict.fromkeys(v for vs in s.views.values() for v in vs))})")
+    if s.split:
+        lines.append(f"    {s.split}")
+    if s.vjps_per_round:
+        per = ", ".join(f"{r}: {n}" for r, n in s.vjps_per_round.items())
+        lines.append(f"    block VJPs in the backward graph per round: {per}")
+    return lines
 
 
 # Dynamo's words for a break at a data-dependent value (MoE routing: tokens per expert,
