@@ -79,11 +79,14 @@ def summary(backend) -> list[dict]:
                  text=str(r)) for r in backend.reports]
 
 
-def run(rank: int, setup: str, optimize_ddp: bool, port: int, out: str):
+def run(rank: int, setup: str, optimize_ddp, port: int, out: str):
+    """optimize_ddp: Dynamo's setting (True: DDPOptimizer, False, or "python_reducer", which
+    runs DDP's reducer inside compiled autograd's graph of the backward)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     torch._dynamo.config.optimize_ddp = optimize_ddp
+    torch._dynamo.config.compiled_autograd = optimize_ddp == "python_reducer"
     try:
         torch.manual_seed(100 + rank)                 # each rank its own batch
         inputs = make_model().example_inputs(8)
@@ -92,6 +95,8 @@ def run(rank: int, setup: str, optimize_ddp: bool, port: int, out: str):
             torch._dynamo.reset()
             result[f"k{k}"], backend = one_step(setup, inputs, k)
             result[f"reports_k{k}"] = summary(backend)
+        from torch._dynamo.utils import counters
+        result["compiled_autograd_captures"] = counters["compiled_autograd"]["captures"]
         if rank == 0:
             torch.save(result, out)
         dist.barrier()

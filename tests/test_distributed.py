@@ -72,6 +72,16 @@ def test_ddp_optimizer_pieces(tmp_path, setup):
         assert sum(r["streams"]) == r["rewritten"]
 
 
+def test_ddp_python_reducer_compiled_autograd(tmp_path):
+    """optimize_ddp="python_reducer" with compiled autograd: DDP's reducer is traced into the
+    compiled backward, which calls the Highway-BP backward; one graph, the whole stream."""
+    res = run_setup(tmp_path, "compile(ddp)", optimize_ddp="python_reducer")
+    assert res["compiled_autograd_captures"] > 0
+    check_gradients(res, whole_stream=True)
+    (r,) = res[f"reports_k{L}"]
+    assert r["streams"] == [L] and r["rewritten"] == r["residual"] == L
+
+
 def test_fsdp2_root(tmp_path):
     """fully_shard on the model: one graph, the whole stream rewritten."""
     res = run_setup(tmp_path, "fsdp-root")
