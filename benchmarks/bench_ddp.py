@@ -3,10 +3,11 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_ddp.py [--model mlp] [--iters 1,2] [--steps 30]
 
 2 gloo processes on this CPU (one thread each), `DDP(torch.compile(model, backend=...))`, under
-both of Dynamo's DDP settings: DDPOptimizer's split (the default: one graph per gradient bucket,
-so a bucket is all-reduced while the graphs before it still run their backward) and
+three of Dynamo's DDP settings: DDPOptimizer's split (the default: one graph per gradient
+bucket, so a bucket is all-reduced while the graphs before it still run their backward),
 optimize_ddp=False (one graph: every gradient comes out at the end of the one backward, and
-the all-reduce runs after it). Each variant also runs under `ddp.no_sync()` (the same step,
+the all-reduce runs after it) and "python_reducer" under compiled autograd (DDP's reducer traced
+into the compiled backward). Each variant also runs under `ddp.no_sync()` (the same step,
 no all-reduce): step minus no-sync step is the communication the backward did not hide.
 Variants interleaved (one step each per round, order rotating), warm-up excluded, median and IQR
 over --steps rounds, timed on rank 0 between barriers. JSON, a plot and a markdown table go to
@@ -29,7 +30,9 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_step  # noqa: E402
 
-MODES = {"ddp_optimizer": True, "one_graph": False}      # torch._dynamo.config.optimize_ddp
+# torch._dynamo.config.optimize_ddp per setting; "python_reducer" runs under compiled autograd,
+# which traces DDP's reducer (its all-reduces) into one graph with the backward
+MODES = {"ddp_optimizer": True, "one_graph": False, "python_reducer": "python_reducer"}
 
 
 def _free_port() -> int:
@@ -64,7 +67,8 @@ def _inductor():
 
 def step_fn(ddp, opt, batch, mode):
     def step(sync=True):
-        with torch._dynamo.config.patch(optimize_ddp=MODES[mode]):
+        with torch._dynamo.config.patch(optimize_ddp=MODES[mode],
+                                        compiled_autograd=mode == "python_reducer"):
             with contextlib.nullcontext() if sync else ddp.no_sync():
                 ddp(*batch).backward()
         opt.step()
@@ -84,6 +88,7 @@ def rank_main(rank, args, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
+    torch._dynamo.config.recompile_limit = 64   # every variant is a cache entry of one frame
     case = bench_step.CASES[args.model]
     torch.manual_seed(100 + rank)
     batch = case.make_batch("cpu")
