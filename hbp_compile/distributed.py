@@ -59,19 +59,23 @@ def ddp_context() -> Optional[str]:
 
 
 def fsdp_context() -> Optional[str]:
-    """What FSDP2 does to the graphs, if more than one module is fully_shard'ed (None if not)."""
+    """What FSDP2 does to the graphs where fully_shard'ed modules nest (blocks sharded inside a
+    sharded model: a graph per block), or None."""
     try:
         from torch.distributed._composable_state import _module_state_mapping
         from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
     except ImportError:                              # pragma: no cover - no distributed build
         return None
-    n = sum(isinstance(ref(), FSDPState) for ref in list(_module_state_mapping.values()))
-    if n < 2:
+    sharded = {id(m): m for m, ref in list(_module_state_mapping.items())
+               if isinstance(ref(), FSDPState)}
+    inner = {i for m in sharded.values() for sub in m.modules()
+             if sub is not m and (i := id(sub)) in sharded}
+    if not inner:
         return None
-    return (f"{n} modules are fully_shard'ed (FSDP2): their hooks run outside the compiled "
-            f"graphs, so each one's forward is a graph of its own and no stream crosses from "
-            f"one to the next; fully_shard the model (or groups of blocks) above the stream "
-            f"to keep it in one graph")
+    return (f"{len(inner)} fully_shard'ed (FSDP2) module(s) inside another: FSDP2's hooks run "
+            f"outside the compiled graphs, so each sharded module's forward is a graph of its "
+            f"own and no stream crosses from one to the next; fully_shard groups of blocks, or "
+            f"the model only, to keep a stream in one graph")
 
 
 def context() -> Optional[str]:
