@@ -154,6 +154,12 @@ def fidelity(model: torch.nn.Module, inputs: Sequence, loss_fn: Optional[Callabl
     return FidelityResult(rows, layers)
 
 
+def check_target_cosine(caller: str, target_cosine: float) -> None:
+    """A gradient cosine to reach must be in (0, 1]."""
+    if not 0.0 < target_cosine <= 1.0:
+        raise ValueError(f"{caller}: target_cosine must be in (0, 1], got {target_cosine}")
+
+
 def calibrate_iters(model: torch.nn.Module, inputs: Sequence, loss_fn: Optional[Callable] = None,
                     target_cosine: float = 0.99, max_iters: Optional[int] = None,
                     **kw) -> int:
@@ -162,8 +168,7 @@ def calibrate_iters(model: torch.nn.Module, inputs: Sequence, loss_fn: Optional[
     Tries k = 0, 1, 2, ... in order (no monotonicity assumed) up to max_iters, by default the
     longest stream found, where Highway-BP is exact (cosine 1).
     """
-    if not 0.0 < target_cosine <= 1.0:
-        raise ValueError(f"calibrate_iters: target_cosine must be in (0, 1], got {target_cosine}")
+    check_target_cosine("calibrate_iters", target_cosine)
     k = 0
     while True:
         row = fidelity(model, inputs, loss_fn, iters=[k], **kw).rows[0]

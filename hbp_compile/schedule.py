@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .fidelity import _RECOMPILE_LIMIT, fidelity
+from .fidelity import _RECOMPILE_LIMIT, check_target_cosine, fidelity
 
 Schedule = Callable[[int], int]
 
@@ -121,8 +121,7 @@ def calibrated(model: torch.nn.Module, inputs: Callable[[], Sequence],
     exact backward per calibration), else the largest candidate."""
     if every < 1:
         raise ValueError(f"calibrated: every must be >= 1, got {every}")
-    if not 0.0 < target_cosine <= 1.0:
-        raise ValueError(f"calibrated: target_cosine must be in (0, 1], got {target_cosine}")
+    check_target_cosine("calibrated", target_cosine)
     if not candidates or any(not isinstance(k, int) or k < 0 for k in candidates):
         raise ValueError(f"calibrated: candidates must be ints >= 0, got {candidates!r}")
     state: dict[str, int] = {}

@@ -118,6 +118,13 @@ class GroupVJP:
         if g.shortcut >= 0:
             self._linearize_shortcut(spec, xs, caps, randoms, zs)
 
+    def inputs(self, kind: str):
+        """(per member the capture positions, shared per position, positions differentiated)
+        of the block ("cap") or of its residual function ("rcap")."""
+        if kind == "cap":
+            return self.cap_index, self.shared, self.diff
+        return self.rcap_index, self.rshared, self.rdiff
+
     def _member_args(self, spec, l, xs, caps, randoms):
         return [*xs[l], *[caps[i] for i in spec.block_caps[l]], *randoms[l]]
 
@@ -266,8 +273,9 @@ class BatchedVJP(GroupVJP):
         self.rfns = [rfn]
         self.K = _k_of(rfn, y, m)
 
-    def accumulate(self, per_fn, index, shared, diff, accumulate, skip=()):
+    def accumulate(self, per_fn, kind: str, accumulate, skip=()):
         """Unstack the capture gradients into the per-capture sums (not those in skip)."""
+        index, shared, diff = self.inputs(kind)
         for j, gj in zip(diff, per_fn[0]):
             if j in skip:
                 continue
@@ -337,8 +345,9 @@ class MemberVJP(GroupVJP):
             Ks.append(_k_of(rfn, y, m, dim=0))
         self.K = Ks
 
-    def accumulate(self, per_fn, index, shared, diff, accumulate, skip=()):
+    def accumulate(self, per_fn, kind: str, accumulate, skip=()):
         """Each member's capture gradients into the per-capture sums (not those in skip)."""
+        index, _, diff = self.inputs(kind)
         for ix, gs in zip(index, per_fn):
             for j, gj in zip(diff, gs):
                 if j not in skip:

@@ -187,11 +187,9 @@ def _final_vjps(spec: StreamSpec, vjps, path, G, side_cots, caps, needs_grad):
         _, per, rper = vjp(path.cotangents(G, vjp), side_cots[gi], final=True,
                            hbp_stream=spec.name, hbp_round="final", hbp_group=gi)
         cs = vjp.group.capture
-        vjp.accumulate(per, vjp.cap_index, vjp.shared, vjp.diff, accumulate,
-                       cs.positions("cap") if cs is not None else ())
-        if vjp.rdiff:
-            vjp.accumulate(rper, vjp.rcap_index, vjp.rshared, vjp.rdiff, accumulate,
-                           cs.positions("rcap") if cs is not None else ())
+        for kind, grads in [("cap", per)] + ([("rcap", rper)] if vjp.rdiff else []):
+            # what the capture function computes is differentiated through it (capture_vjp)
+            vjp.accumulate(grads, kind, accumulate, cs.positions(kind) if cs is not None else ())
         if cs is not None:
             with annotate(hbp_stream=spec.name, hbp_capture=gi):
                 capture_vjp(vjp, cs, per[0], rper[0], caps, needs_grad, accumulate)
