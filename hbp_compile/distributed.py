@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 _ONE_GRAPH = ("under DDP with torch._dynamo.config.optimize_ddp=False: one graph, the whole "
               "stream; gradients are all-reduced after the backward (no bucket overlap)")
 
@@ -91,24 +93,42 @@ CUT_REASON = ("residual step cut by DDPOptimizer's split: its branch began in th
               "piece (graph), so it stays exact")
 
 
-def cut_steps(segments) -> list:
-    """The residual adds a DDPOptimizer cut ran through: a segment's x_0 = x_l + z where x_l is
-    an input of the piece and z does not read it (z's branch began in the previous piece, which
-    handed over x_l and an activation of the block)."""
-    import torch
+def cut_steps(graph) -> list:
+    """The residual adds a DDPOptimizer cut ran through: x_l + z in a piece where x_l is an
+    input of the piece (of the add's shape) and z comes from a matmul, convolution or attention
+    that does not read x_l (z's branch began in the previous piece, which handed over x_l and
+    an activation of the block)."""
+    from .analysis.ops import HEAVY_OPS
 
     cut = []
-    for seg in segments:
-        x0 = seg.x0
-        if x0.op != "call_function" or x0.target is not torch.ops.aten.add.Tensor:
-            continue
-        a, b = x0.args[:2]
+    for node in graph.find_nodes(op="call_function", target=torch.ops.aten.add.Tensor):
+        a, b = node.args[:2]
         for x, z in ((a, b), (b, a)):
-            if getattr(x, "op", None) == "placeholder" and hasattr(z, "op") \
-                    and not _reads(z, x):
-                cut.append(x0)
+            if _same_shape_input(x, node) and getattr(z, "op", None) == "call_function" \
+                    and not _reads(z, x) and _reads_any(z, HEAVY_OPS):
+                cut.append(node)
                 break
     return cut
+
+
+def _same_shape_input(x, node) -> bool:
+    """Is x an input of the graph (a placeholder) with node's shape and dtype?"""
+    xv, v = getattr(x, "meta", {}).get("val"), node.meta.get("val")
+    return getattr(x, "op", None) == "placeholder" and isinstance(xv, torch.Tensor) \
+        and isinstance(v, torch.Tensor) and xv.shape == v.shape and xv.dtype == v.dtype
+
+
+def _reads_any(node, targets) -> bool:
+    """Does node, or anything it reads, call one of targets?"""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n.target in targets:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
 
 
 def _reads(node, target) -> bool:

@@ -97,9 +97,9 @@ def plan(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     segments, skips, report.residual_steps = plan_streams(
         gm.graph, cfg.min_length, cfg.exclude, cfg.recompute, (cfg.exact_first, cfg.exact_last))
     report.skipped += [SkipReport(s.node, s.reason) for s in skips]
-    for x0 in cut_steps(segments) if is_ddp_piece(report.distributed) else ():
+    for add in cut_steps(gm.graph) if is_ddp_piece(report.distributed) else ():
         report.residual_steps += 1                  # a model block, left exact by the cut
-        report.skipped.append(SkipReport(x0.name, CUT_REASON))
+        report.skipped.append(SkipReport(add.name, CUT_REASON))
     problems = [s for s in skips if not s.wanted]
     if cfg.strict and problems:
         raise HBPError(f"%{problems[0].node}: {problems[0].reason}")
