@@ -14,15 +14,21 @@ import torch
 import torch.distributed as dist
 
 from helpers import clone_inputs, oracle
-from models import ResMLP
+from models import GPT, ResMLP
 
 BLOCKS = 6           # d=64, hidden=256, float64: 266 kB of parameters per block, so that
 D, HIDDEN = 64, 256  # DDPOptimizer's 1 MB first bucket cuts the stream
+# 4 layers (L = 8 residual steps), d=128, float64: 1.6 MB per layer; with 2 MB buckets
+# DDPOptimizer cuts it in four pieces
+GPT_LAYERS, GPT_BUCKET_MB = 4, 2
+MODELS = {"resmlp": lambda: ResMLP(D, HIDDEN, BLOCKS),
+          "gpt": lambda: GPT(vocab=64, block_size=16, n_layer=GPT_LAYERS, n_head=2, n_embd=128)}
+MODEL = "resmlp"     # run() sets it in each spawned process
 
 
 def make_model():
     torch.manual_seed(0)
-    return ResMLP(D, HIDDEN, BLOCKS).double()
+    return MODELS[MODEL]().double()
 
 
 def wrap(model, setup: str, backend):
@@ -31,10 +37,11 @@ def wrap(model, setup: str, backend):
 
     compiled = (lambda m: torch.compile(m, backend=backend)) if backend is not None \
         else (lambda m: m)
+    bucket = dict(bucket_cap_mb=GPT_BUCKET_MB) if MODEL == "gpt" else {}
     if setup == "compile(ddp)":
-        return compiled(DDP(model))
+        return compiled(DDP(model, **bucket))
     if setup == "ddp(compile)":
-        return DDP(compiled(model))
+        return DDP(compiled(model), **bucket)
     from torch.distributed.fsdp import fully_shard
     if setup == "fsdp-blocks":
         for blk in model.blocks:
@@ -79,9 +86,11 @@ def summary(backend) -> list[dict]:
                  text=str(r)) for r in backend.reports]
 
 
-def run(rank: int, setup: str, optimize_ddp, port: int, out: str):
+def run(rank: int, setup: str, optimize_ddp, port: int, out: str, model: str = "resmlp"):
     """optimize_ddp: Dynamo's setting (True: DDPOptimizer, False, or "python_reducer", which
     runs DDP's reducer inside compiled autograd's graph of the backward)."""
+    global MODEL
+    MODEL = model
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
@@ -91,7 +100,8 @@ def run(rank: int, setup: str, optimize_ddp, port: int, out: str):
         torch.manual_seed(100 + rank)                 # each rank its own batch
         inputs = make_model().example_inputs(8)
         result = {"exact": one_step(setup, inputs)[0], "oracle_k1": oracle_mean(inputs, 1)}
-        for k in (BLOCKS, 1):
+        L = BLOCKS if MODEL == "resmlp" else 2 * GPT_LAYERS
+        for k in (L, 1):
             torch._dynamo.reset()
             result[f"k{k}"], backend = one_step(setup, inputs, k)
             result[f"reports_k{k}"] = summary(backend)

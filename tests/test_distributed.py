@@ -29,14 +29,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_setup(tmp_path, setup, optimize_ddp=True) -> dict:
+def run_setup(tmp_path, setup, optimize_ddp=True, model="resmlp") -> dict:
     """Spawn the 2 ranks; rank 0's results (gradients, reports)."""
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(worker.run, args=(setup, optimize_ddp, _free_port(), out), nprocs=2)
+    mp.spawn(worker.run, args=(setup, optimize_ddp, _free_port(), out, model), nprocs=2)
     return torch.load(out)
 
 
-def check_gradients(res, whole_stream: bool):
+def check_gradients(res, whole_stream: bool, L=L):
     """exact at k = L; k = 1 differs from exact and, for a whole stream, equals the oracle."""
     assert_grads_match(res[f"k{L}"], res["exact"], tol=1e-10)
     assert max_rel_err(res["k1"], res["exact"]) > 1e-6
@@ -70,6 +70,19 @@ def test_ddp_optimizer_pieces(tmp_path, setup):
     for r in reports:
         assert "DDPOptimizer" in r["distributed"] and r["fallback"] is None
         assert sum(r["streams"]) == r["rewritten"]
+
+
+def test_ddp_optimizer_cuts_a_gpt(tmp_path):
+    """A GPT (L = 8 steps) in 2 MB buckets: DDPOptimizer cuts it in several pieces; every cut
+    block is found (the model's 8 steps are all counted), the rest rewritten, exact at k = L."""
+    L_gpt = 2 * worker.GPT_LAYERS
+    res = run_setup(tmp_path, "compile(ddp)", optimize_ddp=True, model="gpt")
+    check_gradients(res, whole_stream=False, L=L_gpt)
+    reports = res[f"reports_k{L_gpt}"]
+    cut = [why for r in reports for why in r["skipped"] if "cut by DDPOptimizer" in why]
+    assert len(reports) >= 3 and len(cut) >= 2
+    assert sum(r["residual"] for r in reports) == L_gpt
+    assert 0 < sum(r["rewritten"] for r in reports) <= L_gpt - len(cut)
 
 
 def test_ddp_python_reducer_compiled_autograd(tmp_path):
