@@ -92,6 +92,9 @@ def run(rank: int, setup: str, optimize_ddp, port: int, out: str, model: str = "
     global MODEL
     MODEL = model
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # loopback only: gloo otherwise picks the interface the hostname resolves to, which a
+    # CI container without a network may not have
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     torch._dynamo.config.optimize_ddp = optimize_ddp
