@@ -96,7 +96,8 @@ def main():
         ttq.report(results, "ddp_gpt", out_dir, "val_loss", "val loss",
                    higher_is_better=False, tolerance=0.01, relative=True, fmt="{:.3f}",
                    title=f"char-level Shakespeare, GPT (L = 12) under DDP, "
-                         f"{args.world_size} x {args.dist_backend}")
+                         f"{args.world_size} x {args.dist_backend}",
+                   time_label="training wall time (s, rank 0; one CPU thread per rank)")
     ttq.drive(args, __file__, "ddp", FULL_VARIANTS, report_one,
               ("--world-size", str(args.world_size), "--dist-backend", args.dist_backend))
 

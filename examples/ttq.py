@@ -312,7 +312,8 @@ def table(ttq: list, metric_label: str, fmt: str = "{:.3f}") -> str:
 
 
 def plot(results: list, metric: str, label: str, title: str, path: str,
-         target: Optional[float] = None) -> str:
+         target: Optional[float] = None,
+         time_label: str = "training wall time (s, one CPU thread)") -> str:
     """Validation metric vs step and vs training wall time, one line per variant."""
     import matplotlib
     matplotlib.use("Agg")
@@ -330,7 +331,7 @@ def plot(results: list, metric: str, label: str, title: str, path: str,
     finals = [r["curve"][-1][metric] for r in results]
     early = [p[metric] for r in results for p in r["curve"][len(r["curve"]) // 5:]]
     lo, hi = min(early + finals), max(early + finals)
-    for ax, xlabel in ((ax1, "step"), (ax2, "training wall time (s, one CPU thread)")):
+    for ax, xlabel in ((ax1, "step"), (ax2, time_label)):
         ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))   # skip the first fifth
         if target is not None:
             ax.axhline(target, color="0.5", ls="--", lw=0.8)
@@ -354,7 +355,8 @@ def load_variants(specs: list[str], out_dir: str) -> list:
 
 
 def report(results: list, name: str, out_dir: str, metric: str, label: str, *,
-           higher_is_better: bool, tolerance: float, relative: bool, fmt: str, title: str):
+           higher_is_better: bool, tolerance: float, relative: bool, fmt: str, title: str,
+           **plot_options):
     """Table (markdown, printed and saved), curves (JSON) and the plot of one model."""
     rows = time_to_quality(results, metric, higher_is_better, tolerance, relative)
     text = table(rows, label, fmt)
@@ -365,7 +367,7 @@ def report(results: list, name: str, out_dir: str, metric: str, label: str, *,
     curves = [{k: v for k, v in r.items() if k not in ("reports", "ks")} for r in results]
     with open(base + ".json", "w") as f:
         json.dump({"ttq": rows, "results": curves}, f, indent=1)
-    plot(results, metric, label, title, base + ".png", target=rows[0]["target"])
+    plot(results, metric, label, title, base + ".png", target=rows[0]["target"], **plot_options)
     print(f"wrote {base}.md, .json, .png")
 
 
