@@ -18,6 +18,9 @@ from typing import Optional
 
 import torch
 
+from .analysis.ops import HEAVY_OPS
+from .analysis.rules import GraphIndex
+
 _ONE_GRAPH = ("under DDP with torch._dynamo.config.optimize_ddp=False: one graph, the whole "
               "stream; gradients are all-reduced after the backward (no bucket overlap)")
 
@@ -98,14 +101,13 @@ def cut_steps(graph) -> list:
     input of the piece (of the add's shape) and z comes from a matmul, convolution or attention
     that does not read x_l (z's branch began in the previous piece, which handed over x_l and
     an activation of the block)."""
-    from .analysis.ops import HEAVY_OPS
-
+    index = GraphIndex(graph)
     cut = []
     for node in graph.find_nodes(op="call_function", target=torch.ops.aten.add.Tensor):
         a, b = node.args[:2]
         for x, z in ((a, b), (b, a)):
             if _same_shape_input(x, node) and getattr(z, "op", None) == "call_function" \
-                    and not _reads(z, x) and _reads_any(z, HEAVY_OPS):
+                    and not index.depends_on(z, x) and index.reads_op(z, HEAVY_OPS):
                 cut.append(node)
                 break
     return cut
@@ -116,29 +118,3 @@ def _same_shape_input(x, node) -> bool:
     xv, v = getattr(x, "meta", {}).get("val"), node.meta.get("val")
     return getattr(x, "op", None) == "placeholder" and isinstance(xv, torch.Tensor) \
         and isinstance(v, torch.Tensor) and xv.shape == v.shape and xv.dtype == v.dtype
-
-
-def _reads_any(node, targets) -> bool:
-    """Does node, or anything it reads, call one of targets?"""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n.target in targets:
-            return True
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return False
-
-
-def _reads(node, target) -> bool:
-    """Does node read target, transitively?"""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n is target:
-            return True
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return False

@@ -88,6 +88,18 @@ class GraphIndex:
             stack.extend(n.all_input_nodes)
         return False
 
+    def reads_op(self, node: fx.Node, targets) -> bool:
+        """Does node, or anything it reads transitively, call one of `targets`?"""
+        seen, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            if n.target in targets:
+                return True
+            if n not in seen:
+                seen.add(n)
+                stack.extend(n.all_input_nodes)
+        return False
+
     def near_ancestors(self, node: fx.Node) -> set:
         """Up to MAX_SOURCE_SEARCH transitive inputs of node, nearest first. Memoised (the
         pointwise cones of nearby adds share their sides); callers must not modify it."""
