@@ -86,6 +86,20 @@ def summary(backend) -> list[dict]:
                  text=str(r)) for r in backend.reports]
 
 
+def probe(rank: int, port: int, out: str):
+    """Can this machine run a 2-process gloo group at all (loopback TCP)? Writes the answer."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        if rank == 0:
+            torch.save(t.item(), out)
+    finally:
+        dist.destroy_process_group()
+
+
 def run(rank: int, setup: str, optimize_ddp, port: int, out: str, model: str = "resmlp"):
     """optimize_ddp: Dynamo's setting (True: DDPOptimizer, False, or "python_reducer", which
     runs DDP's reducer inside compiled autograd's graph of the backward)."""
