@@ -35,7 +35,7 @@ from .distributed import CUT_REASON, cut_steps, is_ddp_piece
 from .logs import enabled as log_enabled
 from .logs import log
 from .report import GraphReport, SkipReport, rnn_stream_report, size_hint, stream_report
-from .rewrite.highway_rnn import RNNSpec
+from .rewrite.highway_rnn import RNNSpec, cell_chunks
 from .rewrite.partition import partition_group
 from .rewrite.replace import (build_spec, device_type, replace_rnn_layer, replace_stream,
                               rnn_layer_problem)
@@ -174,8 +174,10 @@ def replace_rnn_layers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             continue
         name = f"hbp_rnn_{report.index}_{len(report.streams)}"
         ctx.keys[name] = node.name
+        xv, H = x.meta["val"], hx[0].meta["val"].shape[-1]
         spec = RNNSpec(name, mode, has_biases, train, cfg.iters, cfg.gamma,
-                       choose_scan(T + 1, device_type(x), cfg.scan))
+                       choose_scan(T + 1, device_type(x), cfg.scan),
+                       cell_chunks(mode, T, xv.shape[1], H, xv.element_size(), device_type(x)))
         report.streams.append(rnn_stream_report(spec, node, len(params)))
         replace_rnn_layer(gm.graph, node, spec)
         ctx.count("streams_rewritten")

@@ -251,8 +251,10 @@ def rnn_stream_report(spec, node, n_params: int) -> StreamReport:
     out = [u for u in node.users if u.args[1] == 0 and u.users]
     words = f"{steps} steps" if isinstance(T, int) else \
         f"T steps (symbolic; {steps} at compile time)"
+    how = "one VJP over T x B rows per round" if spec.chunks == 1 else \
+        f"one VJP per round in {spec.chunks} runs of time steps (CPU memory: cell_chunks)"
     group = GroupReport(0, f"{mode} cell", f"{mode} cell, hidden {H}, weights shared by all "
-                        f"{words}: one VJP over T x B rows per round", list(range(steps)), True,
+                        f"{words}: {how}", list(range(steps)), True,
                         shared_captures=n_params, saved=-1,
                         recompute_reason="the gates of all T steps, in one batched cell forward "
                         "from the op's outputs (ATen's RNN op saves none)")
