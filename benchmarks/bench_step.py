@@ -402,11 +402,22 @@ def _flat_grads(model):
                       if p.grad is not None])
 
 
+def _option(text: str) -> tuple:
+    """'name=value' -> (name, value): a Python literal, else the string."""
+    import ast
+    name, _, value = text.partition("=")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value
+
+
 def variant_list(args):
     variants = [("exact", None)]
     if args.eager:
         variants.append(("eager", None))
-    variants += [(f"hbp{k}", dict(iters=k, batched=True)) for k in args.iters]
+    variants += [(f"hbp{k}", dict(iters=k, batched=True, **args.hbp_options))
+                 for k in args.iters]
     if args.unbatched:
         variants += [(f"hbp{k}-unbatched", dict(iters=k, batched=False)) for k in args.iters]
     if args.nofold:
@@ -616,12 +627,16 @@ def main():
                         "the warm child shares it)")
     p.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
+    p.add_argument("--hbp-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="an hbp_backend option for the hbp variants (a Python literal or a "
+                        "string), e.g. rnn_time_chunks=auto; repeatable")
     args = p.parse_args()
     if args.fresh_cache:                    # read by Inductor at compile time; the child inherits
         import tempfile
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="hbp_bench_cache_")
     args.argv_child = [a for a in sys.argv[1:]]
     args.iters = [int(k) for k in args.iters.split(",")]
+    args.hbp_options = dict(_option(o) for o in args.hbp_option)
     args.steps, args.warmup = (5, 1) if args.quick else (args.steps, 3)
     if args.compile_only:                   # the warm-compile child: compile, time nothing
         args.steps, args.warmup, args.memory = 0, 0, False
@@ -641,6 +656,7 @@ def main():
             setattr(torch._dynamo.config, knob, 64)
 
     results = dict(torch=torch.__version__, python=platform.python_version(),
+                   hbp_options=args.hbp_options,
                    device=args.device, threads=torch.get_num_threads(),
                    omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
                    glibc_tunables=os.environ.get("GLIBC_TUNABLES"),

@@ -31,6 +31,7 @@ class HBPConfig:
     mode: Optional[str] = None      # torch.compile's mode for Inductor ("reduce-overhead": CUDA graphs)
     inductor_options: tuple = ()    # Inductor config patches, (key, value) pairs (a dict is accepted)
     rnn_modules: bool = True        # trace nn.RNN/GRU/LSTM (Dynamo's allow_rnn, for hbp frames only)
+    rnn_time_chunks: object = 1     # runs of time steps of an RNN layer's cell VJPs: int or "auto"
     exclude: tuple = ()             # fnmatch patterns of module paths whose blocks stay exact
     exact_first: int = 0            # the first N blocks of every stream stay exact
     exact_last: int = 0             # the last N blocks of every stream stay exact
@@ -55,6 +56,9 @@ class HBPConfig:
             n = getattr(self, name)
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 raise ValueError(f"hbp_backend: {name} must be an int >= 0, got {n!r}")
+        n = self.rnn_time_chunks
+        if n != "auto" and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"hbp_backend: rnn_time_chunks must be an int >= 1 or 'auto', got {n!r}")
         if self.scan not in SCANS:
             raise ValueError(f"hbp_backend: scan must be one of {SCANS}, got {self.scan!r}")
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):

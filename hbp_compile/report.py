@@ -252,7 +252,7 @@ def rnn_stream_report(spec, node, n_params: int) -> StreamReport:
     words = f"{steps} steps" if isinstance(T, int) else \
         f"T steps (symbolic; {steps} at compile time)"
     how = "one VJP over T x B rows per round" if spec.chunks == 1 else \
-        f"one VJP per round in {spec.chunks} runs of time steps (CPU memory: cell_chunks)"
+        f"one VJP per round in {spec.chunks} runs of time steps (rnn_time_chunks)"
     group = GroupReport(0, f"{mode} cell", f"{mode} cell, hidden {H}, weights shared by all "
                         f"{words}: {how}", list(range(steps)), True,
                         shared_captures=n_params, saved=-1,

@@ -18,6 +18,7 @@ BAD = {
     "recompute": (["no", 0], "bool"),
     "fold": (["no", 0], "bool"),
     "rnn_modules": (["no", 0], "bool"),
+    "rnn_time_chunks": ([0, -1, 1.5, True, "4", None], "int >= 1 or 'auto'"),
     "mode": (["fast", 1], "reduce-overhead"),
     "inductor_options": ([{"not_an_inductor_option": 1}, [1, 2], "x"], "Inductor config"),
     "dump_dir": ([3, ["a"]], "path"),

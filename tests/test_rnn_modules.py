@@ -284,9 +284,10 @@ def test_sequence_length_changes_one_symbolic_graph(name):
 
 
 @pytest.mark.parametrize("name", ["gru", "lstm-2-bidir", "rnn-tanh-bidir", "gru-2-bidir-dropout"])
-def test_cell_vjp_in_time_chunks(name, monkeypatch):
-    """On a CPU the backward runs the cell's recompute and VJPs in runs of time steps when its
-    gate tensors are large (highway_rnn.cell_chunks); here forced small, in uneven runs: the
+@pytest.mark.parametrize("chunks", [4, "auto"])
+def test_cell_vjp_in_runs_of_time_steps(name, chunks, monkeypatch):
+    """rnn_time_chunks: the backward runs the cell's recompute and VJPs in runs of time steps
+    (4 runs of 3, 3, 3 and 2 steps here; "auto" made to pick the same by a small budget): the
     report says so, and the gradients are still the oracle's at k = 1, 2 and exact at k = T."""
     import hbp_compile.rewrite.highway_rnn as highway_rnn
 
@@ -296,11 +297,11 @@ def test_cell_vjp_in_time_chunks(name, monkeypatch):
     model, x, hx = make(name, T=T, B=B, seed=5)
     for k in (1, 2):
         _, want = run_oracle(model, x, hx, k)
-        _, got, backend = run_compiled(model, x, hx, k)
+        _, got, backend = run_compiled(model, x, hx, k, rnn_time_chunks=chunks)
         assert_streams(backend, model, T)
         assert all("in 4 runs of time steps" in s.groups[0].summary
                    for s in backend.reports[0].streams), str(backend.reports[0])
         assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
     _, want = run_eager(model, x, hx)
-    _, got, _ = run_compiled(model, x, hx, T)
+    _, got, _ = run_compiled(model, x, hx, T, rnn_time_chunks=chunks)
     assert max_rel_err(got, want) < 1e-10, worst_param(got, want)

@@ -177,23 +177,30 @@ class RNNSpec:
     iters: int
     gamma: float
     scan: str                      # rewrite.scan.choose_scan's form for T + 1 positions
-    chunks: int = 1                # time chunks of the cell's recompute and VJPs (cell_chunks)
+    chunks: int = 1                # runs of time steps of the cell's recompute and VJPs
 
 
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}      # gate rows per hidden unit
-CHUNK_BYTES = 3 * 2 ** 20          # a chunk's gate tensor on a CPU (cell_chunks)
+CHUNK_BYTES = 3 * 2 ** 20          # a run's gate tensor on a CPU under "auto" (cell_chunks)
 MAX_CHUNKS = 16
 
 
-def cell_chunks(mode: str, T, B, H: int, itemsize: int, device: str) -> int:
-    """How many runs of time steps the backward's cell recompute and VJPs are split into.
+def cell_chunks(option, mode: str, T, B, H: int, itemsize: int, device: str) -> int:
+    """How many runs of time steps the backward's cell recompute and VJPs are split into (the
+    rnn_time_chunks option: an int, or "auto"); always one where T is symbolic.
 
-    One on a GPU (its caching allocator keeps the buffers; fewer, larger kernels), and when T
-    is symbolic. On a CPU, enough that a chunk's (steps, B, gates x H) tensors stay under
-    CHUNK_BYTES: glibc returns larger per-step buffers to the kernel at every step's end and
-    the next step faults them in again (nn.GRU T = 1024, batch 32: 12,000-20,000 faults a step,
-    0.90x of exact's step against 0.76x in 8 chunks, where the step takes none)."""
-    if device != "cpu" or not isinstance(T, int) or not isinstance(B, int):
+    Each run is its own copy of the cell's kernels in the backward graph, so runs cost compile
+    time (nn.LSTM T = 1024: 2 s -> 14 s in 11 runs) and buy memory: "auto" asks for enough runs
+    on a CPU that a run's (steps, B, gates x H) tensors stay under CHUNK_BYTES, one on a GPU.
+    Measured on this project's CPU VM: nn.GRU T = 1024, batch 32, k = 2 takes 12,000-20,000 page
+    faults a step in one run (glibc hands the 24 MB gate buffers back to the kernel at each
+    step's end) and none in 8, 0.80-0.91x of exact's step against 0.75x; at T = 256 runs
+    changed nothing but the compile time, hence not the default."""
+    if not isinstance(T, int) or not isinstance(B, int):
+        return 1
+    if option != "auto":
+        return max(1, min(option, T))
+    if device != "cpu":
         return 1
     total = T * B * GATES[mode] * H * itemsize
     return max(1, min(MAX_CHUNKS, T, -(-total // CHUNK_BYTES)))
