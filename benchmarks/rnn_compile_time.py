@@ -44,6 +44,8 @@ def main():
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rnn-time-chunks", default="1",
+                   help="hbp_backend's rnn_time_chunks: an int or 'auto'")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "results", "rnn_compile_time_cpu.json"))
     args = p.parse_args()
@@ -64,7 +66,9 @@ def main():
         for T in map(int, args.lengths.split(",")):
             torch.manual_seed(0)
             torch._dynamo.reset()           # no automatic-dynamic recompile from the last size
-            backend = hbp_backend(iters=args.iters)
+            chunks = args.rnn_time_chunks
+            backend = hbp_backend(iters=args.iters,
+                                  rnn_time_chunks=chunks if chunks == "auto" else int(chunks))
             model = torch.compile(RNNModule(kind, T, hidden=args.hidden), backend=backend,
                                   dynamic=False)
             batch = (torch.randn(T, args.batch, 3), torch.randint(10, (T, args.batch)))
