@@ -21,6 +21,7 @@ import torch
 from .analysis.ops import HEAVY_OPS
 from .analysis.rules import GraphIndex
 
+_PIECE = "a piece of DDPOptimizer's split"
 _ONE_GRAPH = ("under DDP with torch._dynamo.config.optimize_ddp=False: one graph, the whole "
               "stream; gradients are all-reduced after the backward (no bucket overlap)")
 
@@ -54,7 +55,7 @@ def ddp_context() -> Optional[str]:
     mode = _optimize_ddp_mode()
     if mode == "ddp_optimizer":
         cap = getattr(ddp, "bucket_bytes_cap", 0) / 2 ** 20
-        return (f"a piece of DDPOptimizer's split ({cap:.0f} MB gradient buckets, the last "
+        return (f"{_PIECE} ({cap:.0f} MB gradient buckets, the last "
                 f"1 MB first): a stream crossing a cut continues in the next piece and the "
                 f"block the cut runs through stays exact; torch._dynamo.config.optimize_ddp="
                 f"False keeps the stream in one graph")
@@ -89,7 +90,8 @@ def context() -> Optional[str]:
 
 
 def is_ddp_piece(context: Optional[str]) -> bool:
-    return bool(context) and context.startswith("a piece of DDPOptimizer")
+    """Is this graph (its report's distributed line) a piece of DDPOptimizer's split?"""
+    return bool(context) and context.startswith(_PIECE)
 
 
 CUT_REASON = ("residual step cut by DDPOptimizer's split: its branch began in the previous "
