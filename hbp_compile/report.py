@@ -81,7 +81,7 @@ class GraphReport:
     timings: dict = dataclasses.field(default_factory=dict)   # compile stage -> seconds
     fallback_reason: Optional[str] = None
     graph_breaks: list = dataclasses.field(default_factory=list)  # Dynamo's, before this graph
-    distributed: Optional[str] = None   # how DDP shaped this graph (distributed.ddp_context)
+    distributed: Optional[str] = None   # how DDP / FSDP2 shaped this graph (distributed.context)
     graphs: dict = dataclasses.field(default_factory=dict, repr=False)  # name -> GraphModule
 
     @property

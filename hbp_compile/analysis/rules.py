@@ -233,8 +233,6 @@ def elementwise_residual(node: fx.Node, index: GraphIndex) -> Optional[ResidualS
 PROJECTION = "projection"
 
 
-
-
 def projection_residual(node: fx.Node, index: GraphIndex,
                         starts_stream: bool = False) -> Optional[ResidualStep]:
     """x_{l+1} = r(f(x_l), P(x_l)) with r pointwise and both sides of the add transforming

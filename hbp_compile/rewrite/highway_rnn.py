@@ -199,11 +199,12 @@ def cell_chunks(option, mode: str, T, B, H: int, itemsize: int, device: str) -> 
     if not isinstance(T, int) or not isinstance(B, int):
         return 1
     if option != "auto":
-        return max(1, min(option, T))
-    if device != "cpu":
+        asked = option
+    elif device != "cpu":
         return 1
-    total = T * B * GATES[mode] * H * itemsize
-    return max(1, min(MAX_CHUNKS, T, -(-total // CHUNK_BYTES)))
+    else:
+        asked = min(MAX_CHUNKS, -(-T * B * GATES[mode] * H * itemsize // CHUNK_BYTES))
+    return len(_time_cuts(T, asked))     # runs of equal length: 4 asked of T = 9 are 3 of 3
 
 
 def _injections(grads, out, hx, m):
@@ -292,9 +293,9 @@ def _linearize_block(cell: Cell, h_prev, x, params, cuts):
 
 
 def _time_cuts(T, chunks: int) -> list[tuple]:
-    """[start, end) of `chunks` runs of time steps covering 0..T (one run touches no size: a
-    symbolic T stays symbolic)."""
-    if chunks == 1:
+    """[start, end) of at most `chunks` runs of time steps of one length (the last shorter)
+    covering 0..T; one run touches no size, so a symbolic T stays symbolic."""
+    if chunks <= 1:
         return [(0, T)]
     step = -(-T // min(chunks, T))
     return [(a, min(a + step, T)) for a in range(0, T, step)]
