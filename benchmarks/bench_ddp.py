@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_step  # noqa: E402
@@ -33,12 +33,6 @@ import bench_step  # noqa: E402
 # torch._dynamo.config.optimize_ddp per setting; "python_reducer" runs under compiled autograd,
 # which traces DDP's reducer (its all-reduces) into one graph with the backward
 MODES = {"ddp_optimizer": True, "one_graph": False, "python_reducer": "python_reducer"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_variant(case, k):
@@ -183,7 +177,7 @@ def main():
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args()
     args.iters = [int(k) for k in args.iters.split(",") if k]
-    mp.spawn(rank_main, args=(args, _free_port()), nprocs=2)
+    mp.spawn(rank_main, args=(args, get_free_port()), nprocs=2)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,12 @@ Rank 0 evaluates, shows the progress bar and writes the curves; the table and pl
 examples/results (the same format as train_charlm.py's).
 """
 import os
-import socket
 import sys
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -32,12 +32,6 @@ PRESET = dict(block_size=64, batch_size=16, steps=600, eval_every=50, lr=3e-3)  
 DEFAULT_VARIANTS = "exact,k1,k2"
 FULL_VARIANTS = DEFAULT_VARIANTS
 VAL_BATCHES = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_main(rank: int, args, port: int) -> None:
@@ -89,7 +83,7 @@ def main():
     p.add_argument("--dist-backend", default="gloo", choices=["gloo", "nccl"])
     args = p.parse_args()
     if args.variant:
-        mp.spawn(rank_main, args=(args, _free_port()), nprocs=args.world_size)
+        mp.spawn(rank_main, args=(args, get_free_port()), nprocs=args.world_size)
         return
 
     def report_one(name, results, out_dir):

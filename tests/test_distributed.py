@@ -6,13 +6,12 @@ at k >= L, and at k = 1 they differ from them. Where the whole stream is in one 
 also equals the independent eager iteration run on each rank's batch and averaged over the
 ranks. The reports' coverage is asserted per graph and for the model.
 """
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 import distributed_worker as worker
 from helpers import assert_grads_match, max_rel_err
@@ -23,19 +22,13 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 L = worker.BLOCKS
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", autouse=True)
 def gloo_works(tmp_path_factory):
     """Skip the module where the machine cannot run 2 gloo processes (no loopback TCP, no
     process spawning): an environment check that involves no hbp_compile code."""
     out = str(tmp_path_factory.mktemp("probe") / "probe.pt")
     try:
-        mp.spawn(worker.probe, args=(_free_port(), out), nprocs=2)
+        mp.spawn(worker.probe, args=(get_free_port(), out), nprocs=2)
         assert torch.load(out) == 2.0
     except Exception as e:                          # noqa: BLE001 - the reason is the skip's
         pytest.skip(f"2 gloo processes cannot run here: {type(e).__name__}: {e}")
@@ -44,7 +37,7 @@ def gloo_works(tmp_path_factory):
 def run_setup(tmp_path, setup, optimize_ddp=True, model="resmlp") -> dict:
     """Spawn the 2 ranks; rank 0's results (gradients, reports)."""
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(worker.run, args=(setup, optimize_ddp, _free_port(), out, model), nprocs=2)
+    mp.spawn(worker.run, args=(setup, optimize_ddp, get_free_port(), out, model), nprocs=2)
     return torch.load(out)
 
 
