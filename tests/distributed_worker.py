@@ -86,11 +86,18 @@ def summary(backend) -> list[dict]:
                  text=str(r)) for r in backend.reports]
 
 
-def probe(rank: int, port: int, out: str):
-    """Can this machine run a 2-process gloo group at all (loopback TCP)? Writes the answer."""
+def join(rank: int, port: int) -> None:
+    """This process as rank `rank` of a 2-process gloo group on the loopback interface (gloo
+    otherwise picks the one the hostname resolves to, which a CI container without a network
+    may not have)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", rank=rank, world_size=2)
+
+
+def probe(rank: int, port: int, out: str):
+    """Can this machine run a 2-process gloo group at all (loopback TCP)? Writes the answer."""
+    join(rank, port)
     try:
         t = torch.ones(1)
         dist.all_reduce(t)
@@ -105,11 +112,7 @@ def run(rank: int, setup: str, optimize_ddp, port: int, out: str, model: str = "
     runs DDP's reducer inside compiled autograd's graph of the backward)."""
     global MODEL
     MODEL = model
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # loopback only: gloo otherwise picks the interface the hostname resolves to, which a
-    # CI container without a network may not have
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join(rank, port)
     torch.set_num_threads(1)
     torch._dynamo.config.optimize_ddp = optimize_ddp
     torch._dynamo.config.compiled_autograd = optimize_ddp == "python_reducer"
