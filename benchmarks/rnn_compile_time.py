@@ -44,7 +44,7 @@ def main():
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--rnn-time-chunks", default="1",
+    p.add_argument("--rnn-time-chunks", default="auto",
                    help="hbp_backend's rnn_time_chunks: an int or 'auto'")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "results", "rnn_compile_time_cpu.json"))

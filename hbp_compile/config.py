@@ -31,7 +31,7 @@ class HBPConfig:
     mode: Optional[str] = None      # torch.compile's mode for Inductor ("reduce-overhead": CUDA graphs)
     inductor_options: tuple = ()    # Inductor config patches, (key, value) pairs (a dict is accepted)
     rnn_modules: bool = True        # trace nn.RNN/GRU/LSTM (Dynamo's allow_rnn, for hbp frames only)
-    rnn_time_chunks: object = 1     # runs of time steps of an RNN layer's cell VJPs: int or "auto"
+    rnn_time_chunks: object = "auto"  # runs of time steps of an RNN layer's cell VJPs: int or "auto"
     exclude: tuple = ()             # fnmatch patterns of module paths whose blocks stay exact
     exact_first: int = 0            # the first N blocks of every stream stay exact
     exact_last: int = 0             # the last N blocks of every stream stay exact

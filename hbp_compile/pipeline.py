@@ -174,11 +174,9 @@ def replace_rnn_layers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             continue
         name = f"hbp_rnn_{report.index}_{len(report.streams)}"
         ctx.keys[name] = node.name
-        xv, H = x.meta["val"], hx[0].meta["val"].shape[-1]
         spec = RNNSpec(name, mode, has_biases, train, cfg.iters, cfg.gamma,
                        choose_scan(T + 1, device_type(x), cfg.scan),
-                       cell_chunks(cfg.rnn_time_chunks, mode, T, xv.shape[1], H,
-                                   xv.element_size(), device_type(x)))
+                       cell_chunks(cfg.rnn_time_chunks, T, device_type(x)))
         report.streams.append(rnn_stream_report(spec, node, len(params)))
         replace_rnn_layer(gm.graph, node, spec)
         ctx.count("streams_rewritten")

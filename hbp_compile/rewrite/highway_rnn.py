@@ -180,30 +180,31 @@ class RNNSpec:
     chunks: int = 1                # runs of time steps of the cell's recompute and VJPs
 
 
-GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}      # gate rows per hidden unit
-CHUNK_BYTES = 3 * 2 ** 20          # a run's gate tensor on a CPU under "auto" (cell_chunks)
-MAX_CHUNKS = 16
+CPU_RUNS = 4                       # runs of time steps on a CPU under "auto" (cell_chunks)
+MIN_RUN_STEPS = 8                  # ... where every run has at least this many steps
 
 
-def cell_chunks(option, mode: str, T, B, H: int, itemsize: int, device: str) -> int:
+def cell_chunks(option, T, device: str) -> int:
     """How many runs of time steps the backward's cell recompute and VJPs are split into (the
     rnn_time_chunks option: an int, or "auto"); always one where T is symbolic.
 
-    Each run is its own copy of the cell's kernels in the backward graph, so runs cost compile
-    time (nn.LSTM T = 1024: 2 s -> 14 s in 11 runs) and buy memory: "auto" asks for enough runs
-    on a CPU that a run's (steps, B, gates x H) tensors stay under CHUNK_BYTES, one on a GPU.
-    Measured on this project's CPU VM: nn.GRU T = 1024, batch 32, k = 2 takes 12,000-20,000 page
-    faults a step in one run (glibc hands the 24 MB gate buffers back to the kernel at each
-    step's end) and none in 8, 0.80-0.91x of exact's step against 0.75x; at T = 256 runs
-    changed nothing but the compile time, hence not the default."""
-    if not isinstance(T, int) or not isinstance(B, int):
+    Each run is its own copy of the cell's kernels in the backward graph: runs cost compile
+    time and buy memory, every (steps, B, gates x H) temporary a run's size. "auto" asks for
+    CPU_RUNS on a CPU (where T >= CPU_RUNS x MIN_RUN_STEPS), one on a GPU: a fixed number, so
+    that the graph and its compile time do not grow with T. Measured on this project's CPU VM
+    (benchmarks/README.md): nn.GRU T = 1024, batch 32, k = 2, in one run takes 12,000-20,000
+    page faults a step (glibc hands its 24 MB gate buffers back to the kernel at each step's
+    end and faults them in again) and steps at 0.80-0.91x of exact, in 2 runs 0.85x, in 4 and
+    in 8 runs no fault and 0.75x; at T = 256, 4 runs cost nothing; the compile of 4 runs is
+    the same at T = 64 and 1024."""
+    if not isinstance(T, int):
         return 1
     if option != "auto":
         asked = option
-    elif device != "cpu":
+    elif device != "cpu" or T < CPU_RUNS * MIN_RUN_STEPS:
         return 1
     else:
-        asked = min(MAX_CHUNKS, -(-T * B * GATES[mode] * H * itemsize // CHUNK_BYTES))
+        asked = CPU_RUNS
     return len(_time_cuts(T, asked))     # runs of equal length: 4 asked of T = 9 are 3 of 3
 
 
