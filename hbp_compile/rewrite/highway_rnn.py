@@ -180,7 +180,7 @@ class RNNSpec:
     chunks: int = 1                # runs of time steps of the cell's recompute and VJPs
 
 
-CPU_RUNS = 4                       # runs of time steps on a CPU under "auto" (cell_chunks)
+CPU_RUNS = 8                       # runs of time steps on a CPU under "auto" (cell_chunks)
 MIN_RUN_STEPS = 8                  # ... where every run has at least this many steps
 
 
