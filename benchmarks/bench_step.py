@@ -248,6 +248,7 @@ def _rnn_case(kind, T, hidden, batch, input_size, layers=1, note=""):
 
 # run with --iters 0,1,2,5,10 --no-unbatched --no-nofold (the paper's Table 6 rows)
 CASES["nn-gru1024"] = _rnn_case("GRU", 1024, 64, 32, 3, note=" (pixel CIFAR-10 shape)")
+CASES["nn-lstm1024"] = _rnn_case("LSTM", 1024, 64, 32, 3, note=" (pixel CIFAR-10 shape)")
 _GPU = torch.cuda.is_available()
 for _kind in ("GRU", "LSTM"):        # the paper: hidden 512, batch 128 on a GPU; CPU scaled down
     CASES[f"nn-{_kind.lower()}256"] = _rnn_case(

@@ -29,7 +29,7 @@ elif [ "${WHICH:-step}" = gru ]; then   # WHICH=gru: the paper's Table 6 setting
         --out "$DEST/bench_gru_cuda.json" 2>&1 | tee "$DEST/bench_gru_cuda.log"
 elif [ "${WHICH:-step}" = rnn ]; then   # WHICH=rnn: nn.GRU / nn.LSTM, the module's cuDNN op
     timeout -k 10 450 "$PY" benchmarks/bench_step.py --device cuda --budget 300 --no-warm \
-        --models nn-gru256,nn-lstm256,nn-gru1024,nn-gru256x3 --iters 0,1,2,5,10 \
+        --models nn-gru256,nn-lstm256,nn-gru1024,nn-lstm1024,nn-gru256x3 --iters 0,1,2,5,10 \
         --no-unbatched --no-eager \
         --out "$DEST/bench_rnn_cuda.json" 2>&1 | tee "$DEST/bench_rnn_cuda.log"
 elif [ "${WHICH:-step}" = ddp ]; then   # WHICH=ddp: train_ddp.py's code path on NCCL
