@@ -48,10 +48,9 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/bench_step.py --threads 1
 
-# nn.GRU / nn.LSTM presets; glibc keeps freed memory (see benchmarks/README.md, "Allocator")
+# nn.GRU / nn.LSTM presets, the default allocator (see benchmarks/README.md, "Allocator")
 bench-rnn: $(STAMP)
-	GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184 \
-	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/bench_step.py --threads 1 --models nn-gru1024,nn-gru256,nn-lstm256 \
+	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/bench_step.py --threads 1 --models nn-gru1024,nn-lstm1024,nn-gru256,nn-lstm256 \
 	    --iters 0,1,2,5,10 --no-unbatched --no-eager --out benchmarks/results/bench_rnn_cpu.json
 	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/rnn_compile_time.py
 
