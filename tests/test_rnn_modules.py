@@ -169,14 +169,18 @@ def test_float32(name, codegen):
     1e-5 of the float64 oracle at k = 2 and of float64 autograd at k = T."""
     T = 6
     model, x, hx = make(name, T=T, seed=7)
-    f32 = copy.deepcopy(model).float()
-    x32 = x.float()
-    hx32 = None if hx is None else tuple(h.float() for h in hx) if isinstance(hx, tuple) \
-        else hx.float()
+    f32, x32, hx32 = as_float32(model, x, hx)
     for k, (_, want) in [(2, run_oracle(model, x, hx, 2)), (T, run_eager(model, x, hx))]:
         _, got, backend = run_compiled(f32, x32, hx32, k, codegen=codegen)
         assert_streams(backend, model, T)
         assert max_rel_err({n: g.double() for n, g in got.items()}, want) < 1e-5
+
+
+def as_float32(model, x, hx):
+    """A float32 copy of a float64 model and its inputs."""
+    hx32 = None if hx is None else tuple(h.float() for h in hx) if isinstance(hx, tuple) \
+        else hx.float()
+    return copy.deepcopy(model).float(), x.float(), hx32
 
 
 def test_unsupported_layers_stay_exact_with_a_reason():
@@ -308,15 +312,19 @@ def test_cell_vjp_in_runs_of_time_steps(name, chunks, monkeypatch):
     assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
 
 
-@pytest.mark.parametrize("name", ["gru", "lstm-2-bidir"])
-def test_default_runs_of_time_steps_under_inductor(name):
+@pytest.mark.parametrize("name,dtype", [("gru", torch.float64), ("lstm-2-bidir", torch.float64),
+                                        ("gru-2-bidir-dropout", torch.float32)])
+def test_default_runs_of_time_steps_under_inductor(name, dtype):
     """The defaults on a CPU at T = 64: 8 runs of 8 time steps per layer and direction, compiled
-    by Inductor (float64), equal the independent oracle at k = 1."""
+    by Inductor, equal the independent float64 oracle at k = 1 (float32: within 1e-5)."""
     T = 64
     model, x, hx = make(name, T=T, B=2, seed=13)
     _, want = run_oracle(model, x, hx, 1)
-    _, got, backend = run_compiled(model, x, hx, 1, codegen="inductor")
+    run = (model, x, hx) if dtype == torch.float64 else as_float32(model, x, hx)
+    _, got, backend = run_compiled(*run, 1, codegen="inductor")
     assert_streams(backend, model, T)
     assert all("in 8 runs of time steps" in s.groups[0].summary
                for s in backend.reports[0].streams), str(backend.reports[0])
-    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+    got = {n: g.double() for n, g in got.items()}
+    assert max_rel_err(got, want) < (1e-10 if dtype == torch.float64 else 1e-5), \
+        worst_param(got, want)
