@@ -192,11 +192,12 @@ def cell_chunks(option, T, device: str) -> int:
     time and buy memory, every (steps, B, gates x H) temporary a run's size. "auto" asks for
     CPU_RUNS on a CPU (where T >= CPU_RUNS x MIN_RUN_STEPS), one on a GPU: a fixed number, so
     that the graph and its compile time do not grow with T. Measured on this project's CPU VM
-    (benchmarks/README.md): nn.GRU T = 1024, batch 32, k = 2, in one run takes 12,000-20,000
-    page faults a step (glibc hands its 24 MB gate buffers back to the kernel at each step's
-    end and faults them in again) and steps at 0.80-0.91x of exact, in 2 runs 0.85x, in 4 and
-    in 8 runs no fault and 0.75x; at T = 256, 4 runs cost nothing; the compile of 4 runs is
-    the same at T = 64 and 1024."""
+    (benchmarks/README.md): nn.GRU T = 1024, batch 32, k = 2, in 1 and in 4 runs takes
+    16,000-18,000 page faults a step (glibc hands its large per-step buffers back to the
+    kernel at each step's end and faults them in again) and steps at 0.89-0.92x of exact; in
+    8 and 16 runs (gate tensors of 3 and 1.5 MB) no fault and 0.73-0.75x. At T = 256 runs
+    cost no step time. The price is compile time: 8 runs compile in about 3x the time of one
+    (an empty cache: nn.GRU 12 s against 4 s), the same at T = 64 and T = 1024."""
     if not isinstance(T, int):
         return 1
     if option != "auto":
