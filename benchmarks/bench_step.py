@@ -398,6 +398,13 @@ def _cache_counters() -> dict:
             for k, v in counters[group].items() if "cache" in k}
 
 
+def _minor_faults() -> int:
+    """This process's minor page faults so far: memory the allocator gave back to the kernel
+    and touched again (a freshly faulted page costs ~5 us on the project's VM)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _flat_grads(model):
     return torch.cat([p.grad.detach().flatten().double() for p in model.parameters()
                       if p.grad is not None])
@@ -497,11 +504,14 @@ def bench_model(name, case, args, dev, sync, log, budget):
         live.append((vname, step))
 
     times = {v: [] for v, _ in live}
+    faults = {v: [] for v, _ in live}           # minor page faults per step (the allocator)
     for r in range(args.steps):                 # interleaved: one step per variant, the order
         for vname, step in live[r % len(live):] + live[:r % len(live)]:   # rotating per round
+            f0 = _minor_faults()
             sync(); t0 = time.perf_counter()
             step()
             sync(); times[vname].append(1e3 * (time.perf_counter() - t0))
+            faults[vname].append(_minor_faults() - f0)
     if args.memory:
         for vname, step in live:
             res[vname]["peak_step_mb"] = peak_step_memory_mb(step, dev)
@@ -513,7 +523,9 @@ def bench_model(name, case, args, dev, sync, log, budget):
         q = statistics.quantiles(ts, n=4) if len(ts) > 1 else ts * 3
         med = statistics.median(ts)
         res[vname].update(median_ms=med, p25_ms=q[0], p75_ms=q[-1], iqr_ms=q[-1] - q[0],
-                          times_ms=ts, ratio_vs_exact=med / exact if exact else None)
+                          times_ms=ts, ratio_vs_exact=med / exact if exact else None,
+                          minor_faults=faults[vname],
+                          median_minor_faults=statistics.median(faults[vname]))
     return dict(desc=case.desc, params=sum(p.numel() for p in base.parameters()),
                 variants=res)
 
@@ -528,7 +540,7 @@ def _floor(r, exact):
 
 def print_table(results):
     head = (f"{'model':<9} {'variant':<16} {'median ms':>9} {'IQR':>6} {'ratio':>6} {'floor':>6} "
-            f"{'compile s':>9} {'warm s':>6} {'peak MB':>8} {'cos':>7}  batched  coverage")
+            f"{'compile s':>9} {'warm s':>6} {'peak MB':>8} {'cos':>7} {'faults':>7}  batched  coverage")
     print("\n" + head)
     for mname, m in results["models"].items():
         exact = m["variants"].get("exact", {})
@@ -543,7 +555,8 @@ def print_table(results):
                   f"{'-' if fl is None else f'{fl:.2f}':>6} {r['compile_s']:>9.1f} "
                   f"{'-' if warm is None else f'{warm:.1f}':>6} "
                   f"{r.get('peak_step_mb', float('nan')):>8.1f} "
-                  f"{r.get('grad_cosine', float('nan')):>7.4f}  "
+                  f"{r.get('grad_cosine', float('nan')):>7.4f} "
+                  f"{r.get('median_minor_faults', float('nan')):>7.0f}  "
                   f"{'-' if b is None else ''.join('yn'[not x] for x in b) or 'none':<7}  "
                   f"{'-' if cov is None else ','.join(f'{c:.0%}' for c in cov)}"
                   + ("  FALLBACK" if r.get("fallback_reason") else ""))
