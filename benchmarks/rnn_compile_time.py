@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import RNNModule  # noqa: E402
+from bench_step import RNNModule, _option  # noqa: E402
 
 from hbp_compile import hbp_backend  # noqa: E402
 
@@ -44,8 +44,9 @@ def main():
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--rnn-time-chunks", default="auto",
-                   help="hbp_backend's rnn_time_chunks: an int or 'auto'")
+    p.add_argument("--hbp-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="an hbp_backend option (a Python literal or a string), e.g. "
+                        "rnn_time_chunks=1; repeatable")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "results", "rnn_compile_time_cpu.json"))
     args = p.parse_args()
@@ -61,14 +62,13 @@ def main():
                           (torch.randn(8, 2, 3), torch.randint(10, (8, 2))), steps=1)
 
     results = dict(torch=torch.__version__, machine=platform.machine(), threads=args.threads,
-                   iters=args.iters, hidden=args.hidden, batch=args.batch, runs=[])
+                   iters=args.iters, hidden=args.hidden, batch=args.batch, runs=[],
+                   hbp_options=dict(_option(o) for o in args.hbp_option))
     for kind in args.kinds.split(","):
         for T in map(int, args.lengths.split(",")):
             torch.manual_seed(0)
             torch._dynamo.reset()           # no automatic-dynamic recompile from the last size
-            chunks = args.rnn_time_chunks
-            backend = hbp_backend(iters=args.iters,
-                                  rnn_time_chunks=chunks if chunks == "auto" else int(chunks))
+            backend = hbp_backend(iters=args.iters, **results["hbp_options"])
             model = torch.compile(RNNModule(kind, T, hidden=args.hidden), backend=backend,
                                   dynamic=False)
             batch = (torch.randn(T, args.batch, 3), torch.randint(10, (T, args.batch)))
