@@ -176,7 +176,7 @@ def replace_rnn_layers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         ctx.keys[name] = node.name
         spec = RNNSpec(name, mode, has_biases, train, cfg.iters, cfg.gamma,
                        choose_scan(T + 1, device_type(x), cfg.scan),
-                       cell_chunks(cfg.rnn_time_chunks, T, device_type(x)))
+                       cell_chunks(cfg.rnn_time_chunks, T, cfg.iters, device_type(x)))
         report.streams.append(rnn_stream_report(spec, node, len(params)))
         replace_rnn_layer(gm.graph, node, spec)
         ctx.count("streams_rewritten")

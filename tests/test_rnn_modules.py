@@ -328,3 +328,15 @@ def test_default_runs_of_time_steps_under_inductor(name, dtype):
     got = {n: g.double() for n, g in got.items()}
     assert max_rel_err(got, want) < (1e-10 if dtype == torch.float64 else 1e-5), \
         worst_param(got, want)
+
+
+def test_auto_runs_only_at_small_k():
+    """Past k = 4 "auto" keeps one run (the runs would be copied into every round); the
+    gradients are the oracle's either way."""
+    T = 64
+    model, x, hx = make("gru", T=T, B=2, seed=17)
+    for k, summary in ((4, "in 8 runs of time steps"), (5, "one VJP over T x B rows per round")):
+        _, want = run_oracle(model, x, hx, k)
+        _, got, backend = run_compiled(model, x, hx, k)
+        assert summary in backend.reports[0].streams[0].groups[0].summary, str(backend.reports[0])
+        assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
