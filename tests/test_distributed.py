@@ -29,9 +29,9 @@ def gloo_works(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("probe") / "probe.pt")
     try:
         mp.spawn(worker.probe, args=(get_free_port(), out), nprocs=2)
-        assert torch.load(out) == 2.0
     except Exception as e:                          # noqa: BLE001 - the reason is the skip's
         pytest.skip(f"2 gloo processes cannot run here: {type(e).__name__}: {e}")
+    assert torch.load(out) == 2.0, "gloo ran but its all-reduce of ones over 2 ranks is not 2"
 
 
 def run_setup(tmp_path, setup, optimize_ddp=True, model="resmlp") -> dict:

@@ -299,16 +299,22 @@ def test_cell_vjp_in_runs_of_time_steps(name, chunks, monkeypatch):
     T, B = 11, 3
     monkeypatch.setattr(highway_rnn, "CPU_RUNS", 4)
     monkeypatch.setattr(highway_rnn, "MIN_RUN_STEPS", 2)
+    monkeypatch.setattr(highway_rnn, "MAX_ITERS_IN_RUNS", T)      # k = T in runs too
+
+    def in_four_runs(backend):
+        return all("in 4 runs of time steps" in s.groups[0].summary
+                   for s in backend.reports[0].streams)
+
     model, x, hx = make(name, T=T, B=B, seed=5)
     for k in (1, 2):
         _, want = run_oracle(model, x, hx, k)
         _, got, backend = run_compiled(model, x, hx, k, rnn_time_chunks=chunks)
         assert_streams(backend, model, T)
-        assert all("in 4 runs of time steps" in s.groups[0].summary
-                   for s in backend.reports[0].streams), str(backend.reports[0])
+        assert in_four_runs(backend), str(backend.reports[0])
         assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
     _, want = run_eager(model, x, hx)
-    _, got, _ = run_compiled(model, x, hx, T, rnn_time_chunks=chunks)
+    _, got, backend = run_compiled(model, x, hx, T, rnn_time_chunks=chunks)
+    assert in_four_runs(backend), str(backend.reports[0])
     assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
 
 
