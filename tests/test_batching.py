@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from helpers import compiled, exact, live_blocks, max_rel_err, oracle, worst_param
+from helpers import compiled, exact, live_blocks, max_rel_err, oracle, seed_of, worst_param
 from models import GPT, Alternating, ResMLP, SDPAStack, TiedSteps
 
 
@@ -101,3 +101,43 @@ def test_counters():
     assert c["streams_rewritten"] == 1 and c["blocks_rewritten"] == 4
     assert c["groups_batched"] == 2 and c["groups_unbatched"] == 0
     assert c["block_vjps"] == 2 * 3                                 # 2 groups x (2 rounds + final)
+
+
+def _round_bmm_sizes(backend) -> dict:
+    """(round, group) -> the leading sizes of the batched matmuls of its VJP."""
+    sizes: dict = {}
+    for n in backend.reports[0].graphs["backward"].graph.nodes:
+        tags = n.meta.get("custom") or {}
+        if n.target is torch.ops.aten.bmm.default and str(tags.get("hbp_round")) != "final":
+            sizes.setdefault((int(tags["hbp_round"]), int(tags["hbp_group"])), set()).add(
+                n.meta["val"].shape[0])
+    return sizes
+
+
+@pytest.mark.parametrize("name, k", [("resmlp", 2), ("resmlp", 4), ("gpt", 3), ("gpt", 8)])
+def test_batched_rounds_run_over_the_live_members_only(name, k):
+    """A batched round's VJP runs over the rows of its stacks that can change a gradient
+    (live_blocks: converged members reuse the round before's value, those below k - r are
+    dead): its matmuls' leading axes (members, or members x batch x heads in attention) are
+    those of k = 1, where round 1 runs every member, scaled by the members it runs. At k > L
+    the early rounds run nothing and the late ones one member each, and it is still exact."""
+    torch.manual_seed(seed_of(name, k))
+    model = MODELS[name]()
+    inputs = model.example_inputs(3)
+    _, _, full = compiled(model, inputs, 1)
+    torch._dynamo.reset()
+    _, got, backend = compiled(model, inputs, k)
+    (stream,) = backend.reports[0].streams
+    L = stream.length
+    want = exact(model, inputs)[1] if k >= L else oracle(model, inputs, k)[1]
+    assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+    assert all(g.batched for g in stream.groups)
+    per_member = {gi: {s // len(stream.groups[gi].members) for s in full_sizes}
+                  for (r, gi), full_sizes in _round_bmm_sizes(full).items()}
+    expected = {}
+    for r in range(1, k + 1):
+        computed = set(live_blocks(L, k, r)) if k < L else {k - r} & set(range(L))
+        for gi, g in enumerate(stream.groups):
+            if c := len(computed & set(g.members)):
+                expected[(r, gi)] = {c * f for f in per_member[gi]}
+    assert _round_bmm_sizes(backend) == expected

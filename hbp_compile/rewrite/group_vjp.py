@@ -179,17 +179,19 @@ class GroupVJP:
             cot_zs[g.shortcut] = torch.zeros_like(cot_zs[g.shortcut])
         return cot_zs, rres[m + n_z:]
 
-    def __call__(self, cot_y, cot_sides: list, final=False, **tags):
+    def __call__(self, cot_y, cot_sides: list, final=False, rows=None, **tags):
         """VJPs of every member at the cotangents g_{l+1} of their outputs (cot_y: stacked, or
-        one per member) and of their side outputs (stacked).
+        one per member) and of their side outputs (stacked); in a round, of the members
+        `rows` only (a slice of their indices; None: all).
 
         Returns (input grads (n, ...), per vjp_fn its capture grads, per vjp_fn its residual
         capture grads); the final call returns no input grads (None) and needs none."""
         out_x, out_caps, out_rcaps = [], [], []
-        for i, fn in enumerate(self.pfns if final else self.fns):
+        for i, fn in self._calls(self.pfns if final else self.fns, rows):
             with annotate(**tags, hbp_call=self._call_name(i)):
                 cot_zs, rgrads = self._through_residual(i, self._cot(cot_y, i), final)
-                res = fn(tuple(cot_zs + [self._cot(c, i) for c in cot_sides]))
+                cots = tuple(cot_zs + [self._cot(c, i) for c in cot_sides])
+                res = fn(cots) if rows is None or not self.batched else fn(cots, rows)
             out_rcaps.append(rgrads)
             out_caps.append(res if final else res[self.m:])
             if not final:
@@ -205,6 +207,9 @@ class BatchedVJP(GroupVJP):
 
     def _call_name(self, i):
         return f"{self.gi}"
+
+    def _calls(self, fns, rows):
+        return enumerate(fns)
 
     def _cot(self, cot, i):
         return cot
@@ -228,16 +233,20 @@ class BatchedVJP(GroupVJP):
         flags = [True] * m + [d is not None for d in dims] + [True] * (g.n_random + n_act)
         self.X = args[:m]
 
-        def run(bw, cots, offset):
+        def run(bw, cots, offset, rows=None):
             # a shared weight's gradient is the sum over members, reduced inside the run
             summed = [i - offset for j, i in zip(self.diff, cap_grads) if self.shared[j]]
-            res, batched = run_batched(bw, [*args, *cots], [*flags, *[True] * len(cots)],
+            some = args if rows is None else [a[rows] if f else a for a, f in zip(args, flags)]
+            res, batched = run_batched(bw, [*some, *cots], [*flags, *[True] * len(cots)],
                                        summed)
-            return [r if b or i in summed else r.expand(n, *r.shape)
+            return [r if b or i in summed else r.expand(len(cots[0]), *r.shape)
                     for i, (r, b) in enumerate(zip(res, batched))]
 
-        def fn(cots):
-            res = run(P.bw, cots, 0)
+        def fn(cots, rows=None):
+            """The members' VJPs (of those in `rows`: slices of the stacks, no copy)."""
+            if rows is not None:
+                cots = tuple(c[rows] for c in cots)
+            res = run(P.bw, cots, 0, rows)
             return (*[res[i] for i in x_grads], *[res[i] for i in cap_grads])
 
         def pfn(cots):
@@ -258,7 +267,9 @@ class BatchedVJP(GroupVJP):
         block = torch.func.vmap(vmappable(g.template), in_dims=(*[0] * m, *dims))
         self.X = [stack([xs[l][j] for l in self.members]) for j in range(m)]
         outs, fn = _linearize(lambda *a: self._select(block(*a)), self.X, full, self.diff, m)
-        self.fns = [fn]
+        # one vjp_fn over every member: a round's rows are cut from its input gradients
+        self.fns = [lambda cots, rows=slice(None): tuple(
+            t[rows] if j < m else t for j, t in enumerate(fn(cots)))]
         self.pfns = [lambda cots: fn(cots)[m:]]
         return list(outs[:g.n_z])
 
@@ -293,6 +304,9 @@ class MemberVJP(GroupVJP):
 
     def _call_name(self, i):
         return f"{self.gi}.{i}"
+
+    def _calls(self, fns, rows):
+        return list(enumerate(fns))[rows or slice(None)]
 
     def _cot(self, cot, i):
         return cot[i]

@@ -115,16 +115,50 @@ class HighwayStream(torch.autograd.Function):
         path = stream_scan(spec, inject, vjps, xs)
         with annotate(**tags, hbp_scan=0):
             G = path.first()                                     # round 0: residual path only
+        latest = [{} for _ in vjps]              # per group: member -> its latest J^T g
         for r in range(1, spec.iters + 1):                       # round r: J^T g^{r-1}, scan
-            parts = [(v.members, v(path.cotangents(G, v), side_cots[gi], **tags,
-                                   hbp_round=r, hbp_group=gi)[0])
-                     for gi, v in enumerate(vjps)]
+            parts = [p for gi, v in enumerate(vjps)
+                     for p in _round_parts(spec, r, v, path.cotangents(G, v), side_cots[gi],
+                                           latest[gi], **tags, hbp_round=r, hbp_group=gi)]
             with annotate(**tags, hbp_scan=r):
                 G = path.next(parts, G)
         cap_grads = _final_vjps(spec, vjps, path, G, side_cots, caps, needs_grad)
         g0 = [g if need else None
               for g, need in zip(path.g0(G), ctx.needs_input_grad[1:1 + spec.width])]
         return (None, *g0, *cap_grads)
+
+
+def needed_blocks(L: int, k: int, r: int) -> range:
+    """The blocks whose round-r VJP can change a gradient (gamma = 0). Block l's VJP in round
+    r reads g^{r-1}_{l+1}, which has converged from round L - l - 1 on: past l = L - r it gives
+    the value it gave the round before. Its result reaches x_0 only through g^r_0..g^r_l, and
+    each later round moves it down one position (round r + 1 reads g^r_j at block j - 1), so
+    below l = k - r it reaches no g^k_j that the final VJPs or dL/dx_0 read."""
+    return range(max(0, k - r), L)
+
+
+def _round_parts(spec: StreamSpec, r: int, v, cot_y, cot_sides, latest: dict, **tags):
+    """Group v's share of round r, as (members, J^T g per member) parts: a VJP at its needed
+    members that have not converged (one batched call over those rows of its stacks, or
+    one call each), the value of the round before at the converged ones. Blocks below
+    needed_blocks are left out: nothing reads their rows of g^r."""
+    n, L, k = len(v.members), spec.length, spec.iters
+    if spec.gamma:                  # gamma K g^{r-1} enters every row: nothing converges
+        return [(v.members, v(cot_y, cot_sides, **tags)[0])]
+    need = needed_blocks(L, k, r)
+    rows = [i for i, l in enumerate(v.members)
+            if l in need and (l <= L - r or i not in latest)]
+    reused = [i for i, l in enumerate(v.members) if l in need and i not in rows]
+    parts = []
+    if rows:
+        assert rows == list(range(rows[0], rows[-1] + 1)), (v.members, rows)
+        sel = slice(rows[0], rows[-1] + 1)
+        got = v(cot_y, cot_sides, rows=None if len(rows) == n else sel, **tags)[0]
+        latest.update({i: got[j] for j, i in enumerate(rows)})
+        parts.append((v.members[sel], got))
+    if reused:
+        parts.append(([v.members[i] for i in reused], [latest[i] for i in reused]))
+    return parts
 
 
 def _pack(ctx, spec: StreamSpec, xs, randoms, caps, saved) -> None:
