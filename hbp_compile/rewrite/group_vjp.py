@@ -224,7 +224,7 @@ class BatchedVJP(GroupVJP):
         """One vjp_fn running the partition's backward over the stacked saved activations."""
         g, P, m = self.group, self.group.partition, self.m
         x_grads, cap_grads = self._partition_outputs()
-        members, n, n_act = self.members, len(self.members), P.n_saved
+        members, n_act = self.members, P.n_saved
         full, dims = _stack_args(lambda l: spec.block_caps[l], members, g.shared, caps)
         self.shared = [d is None for d in dims]
         args = [stack([xs[l][j] for l in members]) for j in range(m)] + full
