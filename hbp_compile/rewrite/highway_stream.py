@@ -115,7 +115,7 @@ class HighwayStream(torch.autograd.Function):
         path = stream_scan(spec, inject, vjps, xs)
         with annotate(**tags, hbp_scan=0):
             G = path.first()                                     # round 0: residual path only
-        latest = [{} for _ in vjps]              # per group: member -> its latest J^T g
+        latest = [[] for _ in vjps]              # per group: pieces of its latest J^T g
         for r in range(1, spec.iters + 1):                       # round r: J^T g^{r-1}, scan
             parts = [p for gi, v in enumerate(vjps)
                      for p in _round_parts(spec, r, v, path.cotangents(G, v), side_cots[gi],
@@ -137,28 +137,37 @@ def needed_blocks(L: int, k: int, r: int) -> range:
     return range(max(0, k - r), L)
 
 
-def _round_parts(spec: StreamSpec, r: int, v, cot_y, cot_sides, latest: dict, **tags):
+def _round_parts(spec: StreamSpec, r: int, v, cot_y, cot_sides, latest: list, **tags):
     """Group v's share of round r, as (members, J^T g per member) parts: a VJP at its needed
-    members that have not converged (one batched call over those rows of its stacks, or
-    one call each), the value of the round before at the converged ones. Blocks below
-    needed_blocks are left out: nothing reads their rows of g^r."""
+    members that have not converged (one batched call over those rows of its stacks, or one
+    call each), the value of an earlier round at the converged ones. Blocks below
+    needed_blocks are left out: nothing reads their rows of g^r.
+
+    latest: (first member index, values) pieces, in order, of the latest value of every member
+    computed so far (a suffix of the members: the needed ones only ever grow downwards)."""
     n, L, k = len(v.members), spec.length, spec.iters
     if spec.gamma:                  # gamma K g^{r-1} enters every row: nothing converges
         return [(v.members, v(cot_y, cot_sides, **tags)[0])]
     need = needed_blocks(L, k, r)
-    rows = [i for i, l in enumerate(v.members)
-            if l in need and (l <= L - r or i not in latest)]
+    known = latest[0][0] if latest else n            # members known..n-1 have a value
+    rows = [i for i, l in enumerate(v.members) if l in need and (l <= L - r or i < known)]
     reused = [i for i, l in enumerate(v.members) if l in need and i not in rows]
     parts = []
     if rows:
         assert rows == list(range(rows[0], rows[-1] + 1)), (v.members, rows)
         sel = slice(rows[0], rows[-1] + 1)
         got = v(cot_y, cot_sides, rows=None if len(rows) == n else sel, **tags)[0]
-        latest.update({i: got[j] for j, i in enumerate(rows)})
         parts.append((v.members[sel], got))
     if reused:
-        parts.append(([v.members[i] for i in reused], [latest[i] for i in reused]))
+        parts += [(v.members[i0:i0 + len(vals)], vals) for i0, vals in _from(latest, reused[0])]
+    if rows:
+        latest[:] = [(rows[0], got)] + _from(latest, rows[-1] + 1)
     return parts
+
+
+def _from(pieces: list, a: int) -> list:
+    """The (first index, values) pieces cut to the indices a and above."""
+    return [(max(i0, a), vals[max(0, a - i0):]) for i0, vals in pieces if i0 + len(vals) > a]
 
 
 def _pack(ctx, spec: StreamSpec, xs, randoms, caps, saved) -> None:

@@ -399,11 +399,25 @@ class StackedScan:
 def _to_stream(parts, length: int, fill: torch.Tensor) -> torch.Tensor:
     """Per-group rows (members, stacked (n, *x) or one per member) -> (length + 1, *x), the
     rows without a block filled with `fill`: one copy."""
-    if len(parts) == 1 and isinstance(parts[0][1], torch.Tensor) \
-            and list(parts[0][0]) == list(range(length)):
-        return torch.cat([parts[0][1], fill.unsqueeze(0)])
+    runs = sorted(parts, key=lambda p: p[0][0]) if parts else []
+    if runs and all(isinstance(t, torch.Tensor) and list(m) == list(range(m[0], m[0] + len(m)))
+                    for m, t in runs):
+        return _concat_runs(runs, length, fill)
     rows = [None] * (length + 1)
     for members, t in parts:
         for i, l in enumerate(members):
             rows[l] = t[i]
     return stack([fill if r is None else r for r in rows])
+
+
+def _concat_runs(runs, length: int, fill: torch.Tensor) -> torch.Tensor:
+    """_to_stream for parts that are runs of consecutive rows (members a..b, stacked): one
+    cat of the runs and of `fill` repeated over the gaps (a node per run, not per row)."""
+    pieces, at = [], 0
+    for members, t in runs:
+        if members[0] > at:
+            pieces.append(fill.expand(members[0] - at, *fill.shape))
+        pieces.append(t)
+        at = members[0] + len(members)
+    pieces.append(fill.expand(length + 1 - at, *fill.shape))
+    return torch.cat(pieces)
