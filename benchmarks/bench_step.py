@@ -515,6 +515,10 @@ def bench_model(name, case, args, dev, sync, log, budget):
     if args.memory:
         for vname, step in live:
             res[vname]["peak_step_mb"] = peak_step_memory_mb(step, dev)
+    if args.projection:
+        for vname, _ in live:
+            if vname != "eager" and not (vname == "exact" and case.exact_eager):
+                res[vname]["projection"] = projected_step(base, batch, res[vname]["hbp"])
 
     exact = statistics.median(times["exact"]) if times.get("exact") else None
     for vname, ts in times.items():
@@ -530,6 +534,23 @@ def bench_model(name, case, args, dev, sync, log, budget):
                 variants=res)
 
 
+def projected_step(base, batch, opts) -> dict:
+    """gpu_projection's figures for one variant (opts None: exact Inductor): its own copy of
+    the model compiled once more with Inductor's caches off, so that its kernels are
+    scheduled and counted, one step run; Dynamo's entries for it are dropped after."""
+    from gpu_projection import project, recording_kernels
+    model = copy.deepcopy(base)
+    backend = "inductor" if opts is None else hbp_backend(codegen="inductor", **opts)
+    try:
+        with recording_kernels(MATMUL_FLOPS) as graphs:
+            torch.compile(model, backend=backend)(*batch).backward()
+    except Exception as e:                                  # noqa: BLE001 - recorded
+        return dict(error=f"{type(e).__name__}: {e}")
+    finally:
+        torch._dynamo.eval_frame.remove_from_cache(type(model).forward)
+    return project(graphs)
+
+
 def _floor(r, exact):
     """Matmul FLOPs of a variant's step (forward + backward graphs) over exact Inductor's."""
     f, e = r.get("matmul_flops"), exact.get("matmul_flops")
@@ -540,7 +561,8 @@ def _floor(r, exact):
 
 def print_table(results):
     head = (f"{'model':<9} {'variant':<16} {'median ms':>9} {'IQR':>6} {'ratio':>6} {'floor':>6} "
-            f"{'compile s':>9} {'warm s':>6} {'peak MB':>8} {'cos':>7} {'faults':>7}  batched  coverage")
+            f"{'compile s':>9} {'warm s':>6} {'peak MB':>8} {'cos':>7} {'faults':>7} {'H100 ms':>7} "
+            f"{'graphs':>6}  batched  coverage")
     print("\n" + head)
     for mname, m in results["models"].items():
         exact = m["variants"].get("exact", {})
@@ -556,7 +578,9 @@ def print_table(results):
                   f"{'-' if warm is None else f'{warm:.1f}':>6} "
                   f"{r.get('peak_step_mb', float('nan')):>8.1f} "
                   f"{r.get('grad_cosine', float('nan')):>7.4f} "
-                  f"{r.get('median_minor_faults', float('nan')):>7.0f}  "
+                  f"{r.get('median_minor_faults', float('nan')):>7.0f} "
+                  f"{(r.get('projection') or {}).get('h100_ms', float('nan')):>7.2f} "
+                  f"{(r.get('projection') or {}).get('h100_graphs_ms', float('nan')):>6.2f}  "
                   f"{'-' if b is None else ''.join('yn'[not x] for x in b) or 'none':<7}  "
                   f"{'-' if cov is None else ','.join(f'{c:.0%}' for c in cov)}"
                   + ("  FALLBACK" if r.get("fallback_reason") else ""))
@@ -631,6 +655,9 @@ def main():
     p.add_argument("--no-eager", dest="eager", action="store_false", help="skip eager exact")
     p.add_argument("--nofold", action="store_true", help="also hbp at the first k, fold=False")
     p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--no-projection", dest="projection", action="store_false",
+                   help="skip the H100 projection (gpu_projection.py: one more compile per "
+                        "variant, Inductor's caches off)")
     p.add_argument("--no-warm", dest="warm", action="store_false",
                    help="skip the second process that measures warm (cached) compile times")
     p.add_argument("--budget", type=float, default=0,
@@ -653,7 +680,7 @@ def main():
     args.hbp_options = dict(_option(o) for o in args.hbp_option)
     args.steps, args.warmup = (5, 1) if args.quick else (args.steps, 3)
     if args.compile_only:                   # the warm-compile child: compile, time nothing
-        args.steps, args.warmup, args.memory = 0, 0, False
+        args.steps, args.warmup, args.memory, args.projection = 0, 0, False, False
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"bench_step_{args.device}.json")
     if args.device == "cpu":
