@@ -515,9 +515,11 @@ def bench_model(name, case, args, dev, sync, log, budget):
     if args.memory:
         for vname, step in live:
             res[vname]["peak_step_mb"] = peak_step_memory_mb(step, dev)
-    if args.projection:
+    if args.projection:                 # compiles once more: counted in the compile budget
         for vname, _ in live:
-            if vname != "eager" and not (vname == "exact" and case.exact_eager):
+            if budget and time.perf_counter() - t_start > budget:
+                res[vname]["projection"] = dict(skipped="compile budget spent")
+            elif vname != "eager" and not (vname == "exact" and case.exact_eager):
                 res[vname]["projection"] = projected_step(base, batch, res[vname]["hbp"])
 
     exact = statistics.median(times["exact"]) if times.get("exact") else None
