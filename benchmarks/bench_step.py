@@ -480,38 +480,14 @@ def bench_model(name, case, args, dev, sync, log, budget):
             rec["traceback"] = traceback.format_exc()
             log(f"  {name}/{vname}: FAILED {rec['error']}")
             continue
-        if isinstance(backend, RecordingInductor):
-            rec["timings"] = backend.timings
-            rec["matmul_flops"] = graph_flops(backend.graphs)
-            rec["kernels"] = graph_kernels(backend.graphs)
-        elif backend is not None:
-            rec["reports"] = report_summary(backend)
-            rec["coverage"] = [r["coverage"] for r in rec["reports"]]
-            rec["groups_batched"] = [g["batched"] for r in rec["reports"]
-                                     for s in r["streams"] for g in s["groups"]]
-            rec["fallback_reason"] = [r["fallback_reason"] for r in rec["reports"]
-                                      if r["fallback_reason"]]
-            if backend.reports:
-                rec["timings"] = backend.reports[-1].timings
-                rec["matmul_flops"] = graph_flops(backend.reports[-1].graphs)
-                rec["kernels"] = graph_kernels(backend.reports[-1].graphs)
-            else:
-                rec["warning"] = "the hbp backend was never called (Dynamo reused another entry?)"
+        record_compile(rec, backend)
         if "exact" in grads and vname in grads:
             a, b = grads["exact"], grads[vname]
             rec["grad_cosine"] = float(a @ b / (a.norm() * b.norm()))
         log(f"  {name}/{vname}: compiled in {rec['compile_s']:.1f}s")
         live.append((vname, step))
 
-    times = {v: [] for v, _ in live}
-    faults = {v: [] for v, _ in live}           # minor page faults per step (the allocator)
-    for r in range(args.steps):                 # interleaved: one step per variant, the order
-        for vname, step in live[r % len(live):] + live[:r % len(live)]:   # rotating per round
-            f0 = _minor_faults()
-            sync(); t0 = time.perf_counter()
-            step()
-            sync(); times[vname].append(1e3 * (time.perf_counter() - t0))
-            faults[vname].append(_minor_faults() - f0)
+    times, faults = time_interleaved(live, args.steps, sync)
     if args.memory:
         for vname, step in live:
             res[vname]["peak_step_mb"] = peak_step_memory_mb(step, dev)
@@ -522,6 +498,50 @@ def bench_model(name, case, args, dev, sync, log, budget):
             elif vname != "eager" and not (vname == "exact" and case.exact_eager):
                 res[vname]["projection"] = projected_step(base, batch, res[vname]["hbp"])
 
+    summarize(res, times, faults)
+    return dict(desc=case.desc, params=sum(p.numel() for p in base.parameters()),
+                variants=res)
+
+
+def record_compile(rec: dict, backend) -> None:
+    """What a variant's compile left to read: its graphs' matmul FLOPs and kernels, the
+    compile stages' times, and for Highway-BP what the pass did."""
+    if isinstance(backend, RecordingInductor):
+        rec["timings"] = backend.timings
+        rec["matmul_flops"] = graph_flops(backend.graphs)
+        rec["kernels"] = graph_kernels(backend.graphs)
+    elif backend is not None:
+        rec["reports"] = report_summary(backend)
+        rec["coverage"] = [r["coverage"] for r in rec["reports"]]
+        rec["groups_batched"] = [g["batched"] for r in rec["reports"]
+                                 for s in r["streams"] for g in s["groups"]]
+        rec["fallback_reason"] = [r["fallback_reason"] for r in rec["reports"]
+                                  if r["fallback_reason"]]
+        if backend.reports:
+            rec["timings"] = backend.reports[-1].timings
+            rec["matmul_flops"] = graph_flops(backend.reports[-1].graphs)
+            rec["kernels"] = graph_kernels(backend.reports[-1].graphs)
+        else:
+            rec["warning"] = "the hbp backend was never called (Dynamo reused another entry?)"
+
+
+def time_interleaved(live, steps: int, sync) -> tuple[dict, dict]:
+    """Per variant, ms and minor page faults of each of `steps` rounds, one step of every
+    variant per round, the order rotating from round to round (drift hits all alike)."""
+    times = {v: [] for v, _ in live}
+    faults = {v: [] for v, _ in live}           # minor page faults per step (the allocator)
+    for r in range(steps):
+        for vname, step in live[r % len(live):] + live[:r % len(live)]:
+            f0 = _minor_faults()
+            sync(); t0 = time.perf_counter()
+            step()
+            sync(); times[vname].append(1e3 * (time.perf_counter() - t0))
+            faults[vname].append(_minor_faults() - f0)
+    return times, faults
+
+
+def summarize(res: dict, times: dict, faults: dict) -> None:
+    """Median, quartiles and ratio to exact of each variant's step times, into res."""
     exact = statistics.median(times["exact"]) if times.get("exact") else None
     for vname, ts in times.items():
         if not ts:                                  # --compile-only
@@ -532,8 +552,6 @@ def bench_model(name, case, args, dev, sync, log, budget):
                           times_ms=ts, ratio_vs_exact=med / exact if exact else None,
                           minor_faults=faults[vname],
                           median_minor_faults=statistics.median(faults[vname]))
-    return dict(desc=case.desc, params=sum(p.numel() for p in base.parameters()),
-                variants=res)
 
 
 def projected_step(base, batch, opts) -> dict:
@@ -640,10 +658,8 @@ def warm_compile(args, out):
         return None
 
 
-def main():
-    # Inductor's scheduler walks dependency chains recursively: a 1024-step RNN's forward alone
-    # is deeper than Python's default limit (RecursionError in memory.topological_sort_dfs)
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), 100_000))
+def parse_args():
+    """The command line, with --iters, --hbp-option, --quick and --compile-only applied."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"],
                    default="cuda" if torch.cuda.is_available() else "cpu")
@@ -683,6 +699,36 @@ def main():
     args.steps, args.warmup = (5, 1) if args.quick else (args.steps, 3)
     if args.compile_only:                   # the warm-compile child: compile, time nothing
         args.steps, args.warmup, args.memory, args.projection = 0, 0, False, False
+    return args
+
+
+def run_header(args, dev) -> dict:
+    """What a result file says of its run: machine, versions, settings, how figures are made."""
+    from gpu_projection import H100
+    return dict(projection_constants=H100 if args.projection else None,torch=torch.__version__, python=platform.python_version(),
+                hbp_options=args.hbp_options,
+                device=args.device, threads=torch.get_num_threads(),
+                omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+                glibc_tunables=os.environ.get("GLIBC_TUNABLES"),
+                device_name=torch.cuda.get_device_name() if dev.type == "cuda"
+                else (platform.processor() or platform.machine()),
+                cpu_count=os.cpu_count(), steps=args.steps, warmup=args.warmup,
+                optimizer="SGD(lr=1e-3)",
+                fx_graph_cache=torch._inductor.config.fx_graph_cache,
+                inductor_cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+                memory="peak of 2 steps above resident: " + (
+                    "torch.cuda.max_memory_allocated" if dev.type == "cuda" else
+                    "VmHWM after malloc_trim and a clear_refs reset, minus VmRSS"),
+                floor="matmul FLOPs (mm, addmm, bmm, convolution, SDPA) of the forward and "
+                      "backward graphs handed to Inductor, over exact Inductor's",
+                argv=sys.argv[1:], models={})
+
+
+def main():
+    # Inductor's scheduler walks dependency chains recursively: a 1024-step RNN's forward alone
+    # is deeper than Python's default limit (RecursionError in memory.topological_sort_dfs)
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 100_000))
+    args = parse_args()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"bench_step_{args.device}.json")
     if args.device == "cpu":
@@ -698,23 +744,7 @@ def main():
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, 64)
 
-    results = dict(torch=torch.__version__, python=platform.python_version(),
-                   hbp_options=args.hbp_options,
-                   device=args.device, threads=torch.get_num_threads(),
-                   omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
-                   glibc_tunables=os.environ.get("GLIBC_TUNABLES"),
-                   device_name=torch.cuda.get_device_name() if dev.type == "cuda"
-                   else (platform.processor() or platform.machine()),
-                   cpu_count=os.cpu_count(), steps=args.steps, warmup=args.warmup,
-                   optimizer="SGD(lr=1e-3)",
-                   fx_graph_cache=torch._inductor.config.fx_graph_cache,
-                   inductor_cache_dir=os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
-                   memory="peak of 2 steps above resident: " + (
-                       "torch.cuda.max_memory_allocated" if dev.type == "cuda" else
-                       "VmHWM after malloc_trim and a clear_refs reset, minus VmRSS"),
-                   floor="matmul FLOPs (mm, addmm, bmm, convolution, SDPA) of the forward and "
-                         "backward graphs handed to Inductor, over exact Inductor's",
-                   argv=sys.argv[1:], models={})
+    results = run_header(args, dev)
     t0 = time.perf_counter()
     names = args.models.split(",")
     for i, name in enumerate(names):
