@@ -170,8 +170,8 @@ def _out_of_place(graph: fx.Graph) -> None:
     for n in list(graph.nodes):
         pure = _pure_form(n)
         a = n.args[0] if pure is not None else None
-        if not isinstance(a, fx.Node) or a.op != "call_function" or _is_view(a) \
-                or any(_is_view(u) for u in a.users):
+        if not isinstance(a, fx.Node) or a.op != "call_function" or _returns_alias(a) \
+                or any(_returns_alias(u) for u in a.users):
             continue
         later = [u for u in a.users if u is not n and order[u] > order[n]]
         n.target = pure
@@ -191,7 +191,7 @@ def _pure_form(n: fx.Node):
     return getattr(packet, t._overloadname, None) if writes == [0] else None
 
 
-def _is_view(n: fx.Node) -> bool:
+def _returns_alias(n: fx.Node) -> bool:
     """A view op's output (aliases its input without writing it)."""
     t = n.target
     return isinstance(t, torch._ops.OpOverload) and not t._schema.is_mutable and any(

@@ -29,7 +29,7 @@ aten = torch.ops.aten
 VIEWS = "hbp_views"          # on a rewritten add: the view ops it was moved through
 
 
-def _is_view(n: fx.Node) -> bool:
+def _moves_no_value(n: fx.Node) -> bool:
     """A shape op that moves no value: a reshape, a permutation, a cast to its own dtype."""
     if not isinstance(n, fx.Node) or n.op != "call_function" or \
             n.target not in REINDEX_OPS | PERMUTE_OPS:
@@ -52,7 +52,7 @@ def _known_equal(a, b) -> bool:
 def _view_chain(v: fx.Node) -> list[fx.Node]:
     """The view ops from the nearest non-view value up to v, outermost last."""
     chain = []
-    while _is_view(v):
+    while _moves_no_value(v):
         chain.append(v)
         v = v.args[0]
     return chain[::-1]
@@ -94,7 +94,7 @@ def _fold_inverse(p_of_y: fx.Node, y: fx.Node, chain: list[fx.Node]) -> None:
         return
     want = tensor_meta(y)
     for u in list(p_of_y.users):
-        while _is_view(u) and u.target in REINDEX_OPS:
+        while _moves_no_value(u) and u.target in REINDEX_OPS:
             out = tensor_meta(u)
             if _known_equal(out.shape, want.shape) and _known_equal(out.stride(), want.stride()):
                 u.replace_all_uses_with(y)

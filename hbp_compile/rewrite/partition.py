@@ -44,7 +44,8 @@ class Partition:
     folded: int = 0                     # norms whose affine weights bw_params folds
 
 
-def _is_view(node: fx.Node) -> bool:
+def _is_view_op(node: fx.Node) -> bool:
+    """A node of VIEW_OPS (or a piece of a split): recomputed from its saved base."""
     if node.op != "call_function":
         return False
     if node.target is operator.getitem:           # a piece of a split, not of a multi-output op
@@ -64,7 +65,7 @@ def _recomputed(forward: list[fx.Node], primals: set, backward: set, depth: int 
     AOTAutograd's CSE merges the identical recomputations of different rounds."""
     redone: set = set()
     for n in reversed(forward):
-        if _is_view(n) and any(u in backward or u in redone for u in n.users):
+        if _is_view_op(n) and any(u in backward or u in redone for u in n.users):
             redone.add(n)
     in_forward = set(forward)
     needed = {n for n in forward if n not in redone
@@ -262,7 +263,7 @@ def _non_differentiable(template: fx.GraphModule, message: str) -> set:
                 continue
             value = n.args[i] if i < len(n.args) else n.kwargs.get(arg)
             while isinstance(value, fx.Node) and value.op != "placeholder" and \
-                    _is_view(value):
+                    _is_view_op(value):
                 value = value.args[0]
             if isinstance(value, fx.Node) and value.op == "placeholder":
                 found.add(places.index(value))
