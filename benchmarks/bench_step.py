@@ -296,21 +296,22 @@ for _name, _mult in [("_scaled_dot_product_flash_attention_for_cpu", 2),
         * a[1 if bw else 0].shape[-1])
 
 
+def node_matmul_flops(n) -> int:
+    """Matmul FLOPs of one aten node, from the shapes in its meta (0 for other ops)."""
+    fn = MATMUL_FLOPS.get(str(n.target))
+    if fn is None:
+        return 0
+    args = [a.meta.get("val") if hasattr(a, "meta") else a for a in n.args]
+    val = n.meta.get("val")
+    try:
+        return int(fn(args, val[0] if isinstance(val, (tuple, list)) else val))
+    except Exception:                                       # noqa: BLE001 - symbolic shapes
+        return 0
+
+
 def matmul_flops(gm) -> int:
-    """Matmul FLOPs of one run of an aten graph, from the shapes in its nodes' meta."""
-    total = 0
-    for n in gm.graph.nodes:
-        fn = MATMUL_FLOPS.get(str(n.target))
-        if fn is None:
-            continue
-        args = [a.meta.get("val") if hasattr(a, "meta") else a for a in n.args]
-        val = n.meta.get("val")
-        out = val[0] if isinstance(val, (tuple, list)) else val
-        try:
-            total += int(fn(args, out))
-        except Exception:                                   # noqa: BLE001 - symbolic shapes
-            pass
-    return total
+    """Matmul FLOPs of one run of an aten graph."""
+    return sum(node_matmul_flops(n) for n in gm.graph.nodes)
 
 
 class RecordingInductor:
@@ -562,7 +563,7 @@ def projected_step(base, batch, opts) -> dict:
     model = copy.deepcopy(base)
     backend = "inductor" if opts is None else hbp_backend(codegen="inductor", **opts)
     try:
-        with recording_kernels(MATMUL_FLOPS) as graphs:
+        with recording_kernels(node_matmul_flops) as graphs:
             torch.compile(model, backend=backend)(*batch).backward()
     except Exception as e:                                  # noqa: BLE001 - recorded
         return dict(error=f"{type(e).__name__}: {e}")

@@ -3,7 +3,7 @@ scheduled for the step's graphs (on whatever device compiled them).
 
 Per kernel (a scheduler node after fusion: a generated kernel, a matmul, an SDPA call):
   bytes   what it reads and writes (Inductor's own count, `get_read_write_buffers_sizes`)
-  flops   matmul FLOPs of the aten op it runs (bench_step.MATMUL_FLOPS; 0 for the rest)
+  flops   matmul FLOPs of the aten ops it runs (bench_step.node_matmul_flops; 0 for the rest)
   depth   1 + the deepest kernel it depends on (its `ancestors`): the longest chain of
           dependent kernels is the largest depth
 
@@ -33,25 +33,14 @@ H100 = dict(HBM_BYTES_PER_S=3.35e12, MATMUL_FLOPS_PER_S=494e12, LAUNCH_S=5e-6,
             GRAPH_LAUNCH_S=1e-6)
 
 
-def _kernel_flops(node, matmul_flops) -> int:
-    """Matmul FLOPs of one scheduler node (0 for a generated pointwise/reduction kernel)."""
-    total = 0
-    for snode in node.get_nodes():
-        ir_node = getattr(snode, "node", None)
-        origin = getattr(ir_node, "origin_node", None) if ir_node is not None else None
-        fn = matmul_flops.get(str(origin.target)) if origin is not None else None
-        if fn is None:
-            continue
-        args = [a.meta.get("val") if hasattr(a, "meta") else a for a in origin.args]
-        val = origin.meta.get("val")
-        try:
-            total += int(fn(args, val[0] if isinstance(val, (tuple, list)) else val))
-        except Exception:                                   # noqa: BLE001 - symbolic shapes
-            pass
-    return total
+def _kernel_flops(node, node_flops) -> int:
+    """Matmul FLOPs of one scheduler node: of the aten ops it runs (0 for a generated
+    pointwise/reduction kernel)."""
+    origins = [getattr(getattr(s, "node", None), "origin_node", None) for s in node.get_nodes()]
+    return sum(node_flops(o) for o in origins if o is not None)
 
 
-def _kernels(nodes, matmul_flops) -> list[dict]:
+def _kernels(nodes, node_flops) -> list[dict]:
     """bytes, flops and depth of every scheduler node of one graph, in order."""
     from torch._inductor.ir import MultiOutput
     from torch._inductor.scheduler import NopKernelSchedulerNode
@@ -66,7 +55,7 @@ def _kernels(nodes, matmul_flops) -> list[dict]:
         for name in node.get_operation_names():
             depth_of_op[name] = depth
         out.append(dict(bytes=int(node.get_read_write_buffers_sizes()),
-                        flops=_kernel_flops(node, matmul_flops), depth=depth))
+                        flops=_kernel_flops(node, node_flops), depth=depth))
     return out
 
 
@@ -74,25 +63,25 @@ class _Capture(logging.Handler):
     """Receives Inductor's per-graph metrics record (the scheduler nodes, while the graph is
     still being lowered) and keeps each graph's kernels."""
 
-    def __init__(self, matmul_flops):
+    def __init__(self, node_flops):
         super().__init__(logging.INFO)
         self.graphs: list[list[dict]] = []
-        self.matmul_flops = matmul_flops
+        self.node_flops = node_flops
 
     def emit(self, record):
         metrics = record.args if isinstance(record.args, dict) else \
             (record.args[0] if record.args else None)
         if isinstance(metrics, dict) and "nodes_num_elem" in metrics:
             nodes = [n for n, _ in metrics["nodes_num_elem"]]
-            self.graphs.append(_kernels(nodes, self.matmul_flops))
+            self.graphs.append(_kernels(nodes, self.node_flops))
 
 
 @contextlib.contextmanager
-def recording_kernels(matmul_flops):
+def recording_kernels(node_flops):
     """Within: every graph Inductor compiles (caches off, so that it really schedules one)
-    appends its kernels to the yielded list."""
+    appends its kernels to the yielded list; node_flops(aten node) counts a kernel's FLOPs."""
     log = torch._logging.getArtifactLogger("torch._inductor.compile_fx", "inductor_metrics")
-    handler = _Capture(matmul_flops)
+    handler = _Capture(node_flops)
     level, propagate = log.level, log.propagate
     log.addHandler(handler)
     log.setLevel(logging.INFO)

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
-from bench_step import MATMUL_FLOPS  # noqa: E402
+from bench_step import node_matmul_flops  # noqa: E402
 from gpu_projection import H100, project, recording_kernels  # noqa: E402
 
 
@@ -18,7 +18,7 @@ def test_projection_counts_the_scheduled_matmuls():
     model = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, o))
     x = torch.randn(B, d)                       # needs no gradient: fc1's input grad is dead
     torch._dynamo.reset()
-    with recording_kernels(MATMUL_FLOPS) as graphs:
+    with recording_kernels(node_matmul_flops) as graphs:
         torch.compile(model, backend="inductor")(x).sum().backward()
     assert len(graphs) == 2                                   # forward, backward
     # forward 2Bdh + 2Bho; backward: both weight grads, fc2's input grad

@@ -301,21 +301,23 @@ def test_cell_vjp_in_runs_of_time_steps(name, chunks, monkeypatch):
     monkeypatch.setattr(highway_rnn, "MIN_RUN_STEPS", 2)
     monkeypatch.setattr(highway_rnn, "MAX_ITERS_IN_RUNS", T)      # k = T in runs too
 
-    def in_four_runs(backend):
-        return all("in 4 runs of time steps" in s.groups[0].summary
-                   for s in backend.reports[0].streams)
-
     model, x, hx = make(name, T=T, B=B, seed=5)
     for k in (1, 2):
         _, want = run_oracle(model, x, hx, k)
         _, got, backend = run_compiled(model, x, hx, k, rnn_time_chunks=chunks)
         assert_streams(backend, model, T)
-        assert in_four_runs(backend), str(backend.reports[0])
+        assert in_runs(backend, 4), str(backend.reports[0])
         assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
     _, want = run_eager(model, x, hx)
     _, got, backend = run_compiled(model, x, hx, T, rnn_time_chunks=chunks)
-    assert in_four_runs(backend), str(backend.reports[0])
+    assert in_runs(backend, 4), str(backend.reports[0])
     assert max_rel_err(got, want) < 1e-10, worst_param(got, want)
+
+
+def in_runs(backend, n: int) -> bool:
+    """Every RNN stream's report says its backward runs in n runs of time steps."""
+    return all(f"in {n} runs of time steps" in s.groups[0].summary
+               for s in backend.reports[0].streams)
 
 
 @pytest.mark.parametrize("name,dtype", [("gru", torch.float64), ("lstm-2-bidir", torch.float64),
@@ -329,8 +331,7 @@ def test_default_runs_of_time_steps_under_inductor(name, dtype):
     run = (model, x, hx) if dtype == torch.float64 else as_float32(model, x, hx)
     _, got, backend = run_compiled(*run, 1, codegen="inductor")
     assert_streams(backend, model, T)
-    assert all("in 8 runs of time steps" in s.groups[0].summary
-               for s in backend.reports[0].streams), str(backend.reports[0])
+    assert in_runs(backend, 8), str(backend.reports[0])
     got = {n: g.double() for n, g in got.items()}
     assert max_rel_err(got, want) < (1e-10 if dtype == torch.float64 else 1e-5), \
         worst_param(got, want)

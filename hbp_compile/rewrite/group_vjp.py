@@ -14,6 +14,7 @@ captures, and K = dr/dx); a projection step also linearises its shortcut P (K_l^
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -190,8 +191,7 @@ class GroupVJP:
         for i, fn in self._calls(self.pfns if final else self.fns, rows):
             with annotate(**tags, hbp_call=self._call_name(i)):
                 cot_zs, rgrads = self._through_residual(i, self._cot(cot_y, i), final)
-                cots = tuple(cot_zs + [self._cot(c, i) for c in cot_sides])
-                res = fn(cots) if rows is None or not self.batched else fn(cots, rows)
+                res = fn(tuple(cot_zs + [self._cot(c, i) for c in cot_sides]))
             out_rcaps.append(rgrads)
             out_caps.append(res if final else res[self.m:])
             if not final:
@@ -209,7 +209,8 @@ class BatchedVJP(GroupVJP):
         return f"{self.gi}"
 
     def _calls(self, fns, rows):
-        return enumerate(fns)
+        """The one vjp_fn, told which rows of the stacks a round runs over."""
+        return enumerate(fns if rows is None else [functools.partial(f, rows=rows) for f in fns])
 
     def _cot(self, cot, i):
         return cot
@@ -306,6 +307,7 @@ class MemberVJP(GroupVJP):
         return f"{self.gi}.{i}"
 
     def _calls(self, fns, rows):
+        """The vjp_fns of the members a round runs (rows: a slice of them; None: all)."""
         return list(enumerate(fns))[rows or slice(None)]
 
     def _cot(self, cot, i):
