@@ -11,13 +11,12 @@ interleaves the variants for those.
 """
 import argparse
 import copy
-import resource
 
 import torch
 import torch._inductor.config as inductor_config
 from torch.profiler import ProfilerActivity, profile
 
-from bench_step import CASES
+from bench_step import CASES, _minor_faults
 from hbp_compile import hbp_backend
 
 
@@ -43,11 +42,11 @@ def profile_variant(case, backend, steps: int, top: int):
 
     for _ in range(4):                          # the first compiles
         step()
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    faults = _minor_faults()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
+    faults = (_minor_faults() - faults) / steps
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
     return [(e.key, e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in rows], faults
 
